@@ -1,0 +1,1 @@
+"""Policy models: flow policies, noise schemes, critics, checkpoints."""

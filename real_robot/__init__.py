@@ -1,0 +1,1 @@
+"""Deployment to real arms through ROS (issue: Deploy). Empty until then."""

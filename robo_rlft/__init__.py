@@ -1,0 +1,1 @@
+"""robo_rlft: online RL fine-tuning of generative robot policies."""
