@@ -15,7 +15,7 @@ class ChunkedEnv(gym.Wrapper):
     as the inner env terminates or truncates. The observation returned is the one after the last
     executed step, so on truncation it is the true final observation (what the critic must bootstrap
     from); on termination no bootstrap is needed. ``info["executed_steps"]`` counts the env steps run,
-    and ``info["is_success"]`` is true if any executed step reported success.
+    and, for envs that report ``is_success``, ``info["is_success"]`` is true if any executed step did.
     """
 
     def __init__(self, env: gym.Env, horizon: int, act_steps: int) -> None:
@@ -38,15 +38,16 @@ class ChunkedEnv(gym.Wrapper):
         if action.shape != self.action_space.shape:
             raise ValueError(f"Expected an action chunk of shape {self.action_space.shape}, got {action.shape}.")
         total_reward = 0.0
-        success = False
-        info: dict[str, Any] = {}
+        success: bool | None = None  # stays None for envs that define no success
         for i in range(self.act_steps):
             obs, reward, terminated, truncated, info = self.env.step(action[i])
             total_reward += float(reward)
-            success = success or bool(info.get("is_success", False))
+            if "is_success" in info:
+                success = bool(success) or bool(info["is_success"])
             if terminated or truncated:
                 break
         info = dict(info)
         info["executed_steps"] = i + 1
-        info["is_success"] = success
+        if success is not None:
+            info["is_success"] = success
         return obs, total_reward, terminated, truncated, info

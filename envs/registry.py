@@ -32,9 +32,7 @@ def resolve_env_id(name: str) -> str:
         return ENV_IDS[name]
     if name in ENV_IDS.values():
         return name
-    raise ValueError(
-        f"Unknown env {name!r}. Allowed: {sorted(ENV_IDS)} (or their ids {sorted(ENV_IDS.values())})."
-    )
+    raise ValueError(f"Unknown env {name!r}. Allowed: {sorted(ENV_IDS)} (or their ids {sorted(ENV_IDS.values())}).")
 
 
 def make_env(name: str, **kwargs: Any) -> gym.Env:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import gymnasium as gym
+import numpy as np
 
 from envs.chunked import ChunkedEnv
 from envs.registry import make_env
@@ -26,3 +29,16 @@ def make_vector_env(
 
     cls = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
     return cls([thunk] * num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+def step_info_value(info: dict[str, Any], key: str, ended: np.ndarray, default: float = 0.0) -> np.ndarray:
+    """Per-env ``info[key]`` of the step just taken, shape ``(N,)``.
+
+    With SAME_STEP autoreset, an env that ended has already been reset: its ``info`` is the reset
+    info and the values of the step that ended it are in ``info["final_info"]``.
+    """
+    values = np.asarray(info.get(key, np.full(len(ended), default)))
+    final = info.get("final_info", {})
+    if key in final:
+        values = np.where(ended, np.asarray(final[key]), values)
+    return values

@@ -1,0 +1,65 @@
+"""The chain interface shared by every denoising policy (DESIGN.md §3).
+
+A policy turns noise ``x_0 ~ N(0, I)`` into an action chunk ``x_K`` in K refinement steps
+``x_{k+1} = m_theta(x_k, k, o) + s_k * eps_k``. A noise scheme makes steps stochastic with a known
+Gaussian transition, so the log-probability of a stored chain is a sum of Gaussian terms:
+
+    log pi(x_{0:K} | o) = sum_k log N(x_{k+1}; m_theta(x_k, k, o), s_k^2)
+
+The ``log N(x_0; 0, I)`` term is left out: it does not depend on the parameters, so it cancels
+in every importance ratio.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+LogProbReduction = Literal["sum", "mean"]
+LOG_PROB_REDUCTIONS: tuple[str, ...] = ("sum", "mean")
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass
+class ChainSample:
+    """What a policy returns when it samples.
+
+    Attributes:
+        actions: ``(B, H, A)`` action chunk in env units (clipped to the normalised range first).
+        chain: ``(B, K+1, H, A)`` the denoising chain ``x_0 .. x_K`` in normalised action units.
+        log_prob: ``(B, K, H, A)`` per-element transition log-probs (zeros when deterministic).
+        std: ``(B, K, H, A)`` transition stds (zeros when deterministic).
+    """
+
+    actions: torch.Tensor
+    chain: torch.Tensor
+    log_prob: torch.Tensor
+    std: torch.Tensor
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Element-wise ``log N(x; mean, std^2)`` — the one formula for sampling and re-scoring."""
+    return -0.5 * ((x - mean) / std) ** 2 - std.log() - _HALF_LOG_2PI
+
+
+def gaussian_entropy(std: torch.Tensor) -> torch.Tensor:
+    """Element-wise entropy ``0.5 * log(2 pi e std^2)`` of a Gaussian transition."""
+    return 0.5 + _HALF_LOG_2PI + std.log()
+
+
+def reduce_log_prob(log_prob: torch.Tensor, reduction: LogProbReduction) -> torch.Tensor:
+    """``(B, K, H, A) -> (B,)``: sum or mean over denoising steps, chunk steps and action dims.
+
+    ``sum`` is the exact chain log-likelihood; its ratios move fast, so it pairs with a small PPO
+    clip (~0.01-0.05). ``mean`` is the per-element average (ReinFlow's normalisation by K*H*A); the
+    ratio is then a geometric mean of per-element ratios and pairs with clip ~0.001-0.01.
+    """
+    if reduction == "sum":
+        return log_prob.flatten(1).sum(-1)
+    if reduction == "mean":
+        return log_prob.flatten(1).mean(-1)
+    raise ValueError(f"log-prob reduction must be one of {LOG_PROB_REDUCTIONS}, got {reduction!r}.")

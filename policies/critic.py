@@ -1,0 +1,28 @@
+"""State-value critics V(o)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from policies.mlp import mlp
+
+
+@dataclass
+class CriticConfig:
+    """Critic network shape."""
+
+    hidden_dims: tuple[int, ...] = (256, 256, 256)
+
+
+class ValueCritic(nn.Module):
+    """MLP value function on *normalised* observations: ``(B, obs_dim) -> (B,)``."""
+
+    def __init__(self, obs_dim: int, config: CriticConfig) -> None:
+        super().__init__()
+        self.net = mlp(obs_dim, config.hidden_dims, 1, activation=nn.Mish)
+
+    def forward(self, obs_normalized: torch.Tensor) -> torch.Tensor:
+        return self.net(obs_normalized).squeeze(-1)

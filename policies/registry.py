@@ -1,0 +1,16 @@
+"""Explicit registry of policy families: config name -> (model class, config dataclass)."""
+
+from __future__ import annotations
+
+from policies.flow import FlowPolicy, FlowPolicyConfig
+
+POLICIES: dict[str, tuple[type, type]] = {
+    "flow": (FlowPolicy, FlowPolicyConfig),
+}
+
+
+def policy_classes(name: str) -> tuple[type, type]:
+    """``(model class, config class)`` for a registered policy name."""
+    if name not in POLICIES:
+        raise ValueError(f"Unknown policy {name!r}. Allowed: {sorted(POLICIES)}.")
+    return POLICIES[name]

@@ -1,0 +1,79 @@
+"""Behaviour-cloning pretraining: the policy's own supervised loss on demonstration chunks, with EMA."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from policies.normalizer import Normalizer
+from robo_rlft.config import Config
+from robo_rlft.data import DemoDataset
+from robo_rlft.metrics import MetricLogger
+from robo_rlft.progress import progress_bar
+
+logger = logging.getLogger(__name__)
+
+LOG_EVERY = 200
+
+
+def pretrain_bc(cfg: Config, run_dir: Path, policy: torch.nn.Module, dataset: DemoDataset) -> torch.nn.Module:
+    """Fit ``policy`` to ``dataset``; returns the EMA copy (the one to evaluate and save).
+
+    The normaliser is set from the dataset statistics first, so the checkpoint carries them.
+    """
+    pre, device = cfg.pretrain, torch.device(cfg.device)
+    policy.normalizer.load_state_dict(Normalizer.from_stats(dataset.stats()).state_dict())
+    obs_np, chunks_np = dataset.action_chunks(policy.horizon)  # (M, obs_dim), (M, H, A)
+    obs = torch.as_tensor(obs_np, dtype=torch.float32, device=device)
+    chunks = torch.as_tensor(chunks_np, dtype=torch.float32, device=device)
+    logger.info("Pretraining on %d chunks from %d episodes.", len(obs), dataset.num_episodes)
+    policy.to(device).train()
+    ema = copy.deepcopy(policy).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=pre.lr, weight_decay=pre.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=pre.gradient_steps, eta_min=pre.lr * 0.1)
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    metrics = MetricLogger(run_dir)
+    bar = progress_bar(pre.gradient_steps // LOG_EVERY, "pretrain", enabled=cfg.progress)
+    running, tic = [], time.perf_counter()
+    try:
+        for step in range(1, pre.gradient_steps + 1):
+            idx = torch.randint(len(obs), (min(pre.batch_size, len(obs)),), generator=generator).to(device)
+            losses = policy.pretrain_loss(obs[idx], chunks[idx])
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                logger.warning("Non-finite BC loss at step %d; skipping the update.", step)
+                continue
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), policy.parameters(), strict=True):
+                    p_ema.lerp_(p, 1.0 - pre.ema_decay)
+                for b_ema, b in zip(ema.buffers(), policy.buffers(), strict=True):
+                    b_ema.copy_(b)
+            running.append(loss.item())
+            if step % LOG_EVERY == 0:
+                metrics.log(
+                    step,
+                    {
+                        "iteration": step,
+                        "train/bc_loss": float(np.mean(running)),
+                        "train/lr": scheduler.get_last_lr()[0],
+                        "time/update": time.perf_counter() - tic,
+                    },
+                )
+                bar.advance(f"step {step} | loss {np.mean(running):.4f}")
+                running, tic = [], time.perf_counter()
+    finally:
+        bar.close()
+        metrics.close()
+    if math.isnan(ema.velocity_net[0].weight.sum().item()):
+        raise FloatingPointError("EMA weights are not finite; pretraining diverged.")
+    return ema

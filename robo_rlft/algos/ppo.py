@@ -1,0 +1,310 @@
+"""PPO over denoising chains (ReinFlow-style): the whole training loop, top to bottom.
+
+One "step" of the MDP is one executed action chunk; the policy's "action" is the whole denoising
+chain ``x_{0:K}`` it sampled, whose log-probability is exact (DESIGN.md §3). The chain is stored at
+rollout and *replayed* at update time, so the ratio at the first minibatch is exactly 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from envs import make_vector_env, step_info_value
+from policies.chain import reduce_log_prob
+from policies.checkpoint import save_policy
+from policies.critic import ValueCritic
+from robo_rlft.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from robo_rlft.config import Config
+from robo_rlft.evaluation import evaluate_policy
+from robo_rlft.metrics import MetricLogger
+from robo_rlft.progress import progress_bar
+from robo_rlft.returns import RunningRewardScaler, compute_gae
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PPOLosses:
+    """Named loss terms (summed by the caller) and detached diagnostics of one minibatch."""
+
+    policy: torch.Tensor
+    value: torch.Tensor
+    entropy: torch.Tensor
+    approx_kl: float
+    clip_fraction: float
+    ratio_mean: float
+
+
+def ppo_losses(
+    policy: nn.Module,
+    critic: ValueCritic,
+    obs: torch.Tensor,
+    chains: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    cfg: Config,
+) -> PPOLosses:
+    """Clipped PPO objective on one minibatch.
+
+    Args:
+        obs: ``(M, obs_dim)``; chains: ``(M, K+1, H, A)``; old_log_probs, advantages, returns: ``(M,)``.
+    """
+    if old_log_probs.requires_grad:
+        raise RuntimeError("old_log_probs require grad: they must be stored detached at rollout time.")
+    algo = cfg.algo
+    log_prob_elements, entropy_elements = policy.log_prob_and_entropy(obs, chains)  # (M, K, H, A) each
+    log_ratio = reduce_log_prob(log_prob_elements, algo.log_prob_reduction) - old_log_probs
+    ratio = log_ratio.exp()
+    if algo.norm_adv and advantages.numel() > 1:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - algo.clip_coef, 1 + algo.clip_coef)).mean()
+    value_loss = 0.5 * (critic(policy.normalizer.normalize_obs(obs)) - returns).pow(2).mean()
+    with torch.no_grad():
+        # Schulman's low-variance estimator of KL(old || new).
+        approx_kl = ((ratio - 1) - log_ratio).mean().item()
+        clip_fraction = ((ratio - 1).abs() > algo.clip_coef).float().mean().item()
+    return PPOLosses(
+        policy=pg_loss,
+        value=algo.vf_coef * value_loss,
+        entropy=-algo.ent_coef * entropy_elements.mean(),
+        approx_kl=approx_kl,
+        clip_fraction=clip_fraction,
+        ratio_mean=ratio.mean().item(),
+    )
+
+
+def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module, resume: bool = False) -> dict[str, Any]:
+    """Fine-tune ``policy`` with PPO; writes metrics, checkpoints, ``best/`` and ``final/`` to ``run_dir``.
+
+    Returns the last evaluation result.
+    """
+    algo, device = cfg.algo, torch.device(cfg.device)
+    num_envs, num_steps = cfg.env.num_envs, algo.steps_per_iteration
+    envs = make_vector_env(cfg.env.name, num_envs, cfg.policy.horizon, cfg.env.act_steps, cfg.env.asynchronous)
+    obs_dim = envs.single_observation_space.shape[0]
+    critic = ValueCritic(obs_dim, cfg.policy.critic)
+    reward_scaler = RunningRewardScaler(num_envs, algo.gamma)
+    start_iteration, env_steps, best_return = 0, 0, -math.inf
+    optim_state: dict[str, Any] | None = None
+    if resume:
+        loaded = load_training_checkpoint(latest_checkpoint(run_dir), critic)
+        policy, optim_state, state = loaded["policy"], loaded["optim"], loaded["state"]
+        start_iteration, env_steps, best_return = state["iteration"], state["env_steps"], state["best_return"]
+        reward_scaler.load_state_dict(state["reward_scaler"])
+        logger.info("Resumed %s at iteration %d (%d env steps).", run_dir, start_iteration, env_steps)
+    policy.to(device).train()
+    critic.to(device).train()
+    actor_optimizer = torch.optim.Adam(policy.parameters(), lr=algo.actor_lr)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=algo.critic_lr)
+
+    def lr_factor(it: int) -> float:
+        return 1.0 - it / algo.iterations if algo.lr_schedule == "linear" else 1.0
+
+    actor_scheduler = torch.optim.lr_scheduler.LambdaLR(actor_optimizer, lr_factor)
+    critic_scheduler = torch.optim.lr_scheduler.LambdaLR(critic_optimizer, lr_factor)
+    if optim_state is not None:
+        actor_optimizer.load_state_dict(optim_state["actor_optimizer"])
+        critic_optimizer.load_state_dict(optim_state["critic_optimizer"])
+        actor_scheduler.load_state_dict(optim_state["actor_scheduler"])
+        critic_scheduler.load_state_dict(optim_state["critic_scheduler"])
+    metrics = MetricLogger(run_dir, resume=resume, resume_iteration=start_iteration if resume else None)
+    policy_metadata = {
+        "env": cfg.env.name,
+        "act_steps": cfg.env.act_steps,
+        "trained_by": "robo-rlft finetune",
+    }
+    last_eval: dict[str, Any] = {}
+
+    # ---- rollout storage: (T, N, ...) ----
+    horizon, num_denoise, action_dim = policy.horizon, policy.num_steps, policy.action_dim
+    obs_buf = torch.zeros(num_steps, num_envs, obs_dim)
+    chain_buf = torch.zeros(num_steps, num_envs, num_denoise + 1, horizon, action_dim)
+    log_prob_buf = torch.zeros(num_steps, num_envs)
+    reward_buf = torch.zeros(num_steps, num_envs)
+    value_buf = torch.zeros(num_steps, num_envs)
+    next_value_buf = torch.zeros(num_steps, num_envs)
+    end_buf = torch.zeros(num_steps, num_envs)
+
+    bar = progress_bar(algo.iterations, "finetune", enabled=cfg.progress, completed=start_iteration)
+    try:
+        for iteration in range(start_iteration, algo.iterations):
+            time_sim = time_inference = 0.0
+            # Every iteration starts from fresh, seeded episodes, so resuming needs no simulator state.
+            obs_np, _ = envs.reset(seed=cfg.seed * 1_000_003 + iteration * num_envs)
+            reward_scaler.reset()
+            episode_return = np.zeros(num_envs)
+            finished_returns: list[float] = []
+            finished_success: list[float] = []
+            std_sum = 0.0
+            policy.eval()
+            for t in range(num_steps):
+                tic = time.perf_counter()
+                obs = torch.as_tensor(obs_np, dtype=torch.float32)
+                with torch.no_grad():
+                    sample = policy.sample(obs.to(device))
+                    value = critic(policy.normalizer.normalize_obs(obs.to(device))).cpu()
+                std_sum += sample.std.mean().item()
+                time_inference += time.perf_counter() - tic
+
+                tic = time.perf_counter()
+                obs_np, reward, terminated, truncated, info = envs.step(sample.actions.cpu().numpy())
+                time_sim += time.perf_counter() - tic
+                ended = terminated | truncated
+                env_steps += int(step_info_value(info, "executed_steps", ended).sum())
+                episode_return += reward
+                if "is_success" in info or "is_success" in info.get("final_info", {}):
+                    success = step_info_value(info, "is_success", ended).astype(float)
+                    finished_success += success[ended].tolist()
+                finished_returns += episode_return[ended].tolist()
+                episode_return[ended] = 0.0
+
+                obs_buf[t] = obs
+                chain_buf[t] = sample.chain.cpu()
+                log_prob_buf[t] = reduce_log_prob(sample.log_prob, algo.log_prob_reduction).cpu()
+                value_buf[t] = value
+                scaled = reward_scaler(reward, ended) if algo.reward_scaling else reward
+                reward_buf[t] = torch.as_tensor(scaled, dtype=torch.float32)
+                end_buf[t] = torch.as_tensor(ended, dtype=torch.float32)
+                # Bootstrap target after step t: V(final_obs) if truncated (time limit, not a terminal
+                # state), 0 if terminated, else V(o_{t+1}) (filled in from value_buf below).
+                next_value_buf[t] = 0.0
+                if truncated.any() and "final_obs" in info:
+                    idx = np.flatnonzero(truncated & ~terminated)
+                    final_obs = torch.as_tensor(np.stack(info["final_obs"][idx]), dtype=torch.float32)
+                    with torch.no_grad():
+                        next_value_buf[t, idx] = critic(policy.normalizer.normalize_obs(final_obs.to(device))).cpu()
+            with torch.no_grad():
+                last_value = critic(
+                    policy.normalizer.normalize_obs(torch.as_tensor(obs_np, dtype=torch.float32).to(device))
+                ).cpu()
+            following_values = torch.cat([value_buf[1:], last_value[None]], 0)
+            next_values = torch.where(end_buf.bool(), next_value_buf, following_values)
+            advantages, returns = compute_gae(reward_buf, value_buf, next_values, end_buf, algo.gamma, algo.gae_lambda)
+
+            # ---- update: epochs x minibatches over the flattened batch (T*N, ...) ----
+            tic = time.perf_counter()
+            policy.train()
+            b_obs = obs_buf.reshape(-1, obs_dim).to(device)
+            b_chains = chain_buf.reshape(-1, num_denoise + 1, horizon, action_dim).to(device)
+            b_log_probs = log_prob_buf.reshape(-1).to(device)
+            b_advantages = advantages.reshape(-1).to(device)
+            b_returns = returns.reshape(-1).to(device)
+            batch_size = b_obs.shape[0]
+            minibatch = min(algo.minibatch_size, batch_size)
+            train_actor = iteration >= algo.critic_warmup_iterations
+            ratio_first = math.nan
+            kls, clip_fracs, policy_losses, value_losses, entropies = [], [], [], [], []
+            skipped = 0
+            for _epoch in range(algo.update_epochs):
+                perm = torch.randperm(batch_size, device=device)
+                for start in range(0, batch_size, minibatch):
+                    mb = perm[start : start + minibatch]
+                    losses = ppo_losses(
+                        policy,
+                        critic,
+                        b_obs[mb],
+                        b_chains[mb],
+                        b_log_probs[mb],
+                        b_advantages[mb],
+                        b_returns[mb],
+                        cfg,
+                    )
+                    if math.isnan(ratio_first):
+                        ratio_first = losses.ratio_mean
+                    loss = losses.value + (losses.policy + losses.entropy if train_actor else 0.0)
+                    if not torch.isfinite(loss):
+                        skipped += 1
+                        logger.warning("Non-finite loss at iteration %d; skipping this minibatch update.", iteration)
+                        continue
+                    actor_optimizer.zero_grad()
+                    critic_optimizer.zero_grad()
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(critic.parameters(), algo.max_grad_norm)
+                    critic_optimizer.step()
+                    if train_actor:
+                        nn.utils.clip_grad_norm_(policy.parameters(), algo.max_grad_norm)
+                        actor_optimizer.step()
+                    kls.append(losses.approx_kl)
+                    clip_fracs.append(losses.clip_fraction)
+                    policy_losses.append(losses.policy.item())
+                    value_losses.append(losses.value.item())
+                    entropies.append(-losses.entropy.item() / algo.ent_coef if algo.ent_coef else math.nan)
+                if train_actor and algo.target_kl is not None and kls and np.mean(kls[-5:]) > algo.target_kl:
+                    break
+            actor_scheduler.step()
+            critic_scheduler.step()
+            time_update = time.perf_counter() - tic
+
+            row: dict[str, float] = {
+                "iteration": iteration + 1,
+                "env_steps": env_steps,
+                "rollout/return_mean": float(np.mean(finished_returns)) if finished_returns else math.nan,
+                "rollout/episodes": len(finished_returns),
+                "rollout/noise_std_mean": std_sum / num_steps,
+                "train/approx_kl": float(np.mean(kls)) if kls else math.nan,
+                "train/clip_fraction": float(np.mean(clip_fracs)) if clip_fracs else math.nan,
+                "train/ratio_first_minibatch": ratio_first,
+                "train/policy_loss": float(np.mean(policy_losses)) if policy_losses else math.nan,
+                "train/value_loss": float(np.mean(value_losses)) if value_losses else math.nan,
+                "train/skipped_updates": skipped,
+                "train/actor_lr": actor_scheduler.get_last_lr()[0],
+                "time/sim": time_sim,
+                "time/inference": time_inference,
+                "time/update": time_update,
+            }
+            if finished_success:
+                row["rollout/success_rate"] = float(np.mean(finished_success))
+
+            done = iteration + 1 == algo.iterations
+            if done or (algo.eval_every and (iteration + 1) % algo.eval_every == 0):
+                last_eval = evaluate_policy(
+                    policy, cfg.env.name, algo.eval_episodes, cfg.env.act_steps, seed=100_000, device=device
+                )
+                row["eval/return_mean"] = last_eval["return_mean"]
+                row["eval/return_ci95"] = last_eval["return_ci95"]
+                if last_eval["success_rate"] is not None:
+                    row["eval/success_rate"] = last_eval["success_rate"]
+                if last_eval["return_mean"] > best_return:
+                    best_return = last_eval["return_mean"]
+                    save_policy(policy, run_dir / "best", {**policy_metadata, "iteration": iteration + 1})
+            metrics.log(env_steps, row)
+            if done or (iteration + 1) % algo.checkpoint_every == 0:
+                save_training_checkpoint(
+                    run_dir,
+                    iteration + 1,
+                    policy,
+                    critic,
+                    {
+                        "actor_optimizer": actor_optimizer.state_dict(),
+                        "critic_optimizer": critic_optimizer.state_dict(),
+                        "actor_scheduler": actor_scheduler.state_dict(),
+                        "critic_scheduler": critic_scheduler.state_dict(),
+                    },
+                    {
+                        "env_steps": env_steps,
+                        "best_return": best_return,
+                        "reward_scaler": reward_scaler.state_dict(),
+                    },
+                    policy_metadata,
+                )
+            bar.advance(
+                f"it {iteration + 1} | steps {env_steps} | return {row['rollout/return_mean']:.0f}"
+                + (f" | eval {row['eval/return_mean']:.0f}" if "eval/return_mean" in row else "")
+            )
+    finally:
+        bar.close()
+        envs.close()
+        metrics.close()
+    save_policy(policy, run_dir / "final", {**policy_metadata, "iteration": algo.iterations})
+    metrics.plot(run_dir / "learning_curve.png")
+    return last_eval

@@ -1,0 +1,197 @@
+"""What each CLI verb does: set up the run directory, load inputs, call the algorithm, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from envs import make_env
+from policies.checkpoint import load_policy, read_checkpoint_config, save_policy
+from policies.registry import policy_classes
+from robo_rlft.config import Config
+
+logger = logging.getLogger("robo_rlft")
+
+CONFIG_FILE = "config.yaml"
+BUILTIN_PREFIX = "builtin:"
+# Built-in pretrained checkpoints shipped in robo_rlft/assets/checkpoints/, by env name.
+BUILTIN_FOR_ENV = {"hopper": "hopper_flow"}
+
+
+def _setup(cfg: Config, verb: str, run_dir: Path | None = None) -> Path:
+    """Seed everything, create the run directory and save the resolved config in it."""
+    from robo_rlft.cli import default_run_dir
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
+    run_dir = Path(run_dir or cfg.run_dir or default_run_dir(verb, cfg))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    file_handler = logging.FileHandler(run_dir / f"{verb}.log")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(file_handler)
+    logger.info("robo-rlft %s: writing to %s", verb, run_dir)
+    return run_dir
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A checkpoint directory from ``path``: ``builtin:NAME``, a policy checkpoint, or a run directory
+    (its ``best/`` policy if it has one, else ``final/``)."""
+    if path.startswith(BUILTIN_PREFIX):
+        name = path[len(BUILTIN_PREFIX) :]
+        root = resources.files("robo_rlft") / "assets" / "checkpoints"
+        available = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        if name not in available:
+            raise FileNotFoundError(f"No built-in checkpoint {name!r}; available: {available}.")
+        return Path(str(root / name))
+    candidate = Path(path)
+    for sub in ("best", "final"):
+        if (candidate / sub / "config.json").is_file():
+            return candidate / sub
+    read_checkpoint_config(candidate)  # raises a clear error if this is not a checkpoint
+    return candidate
+
+
+def _env_dims(env_name: str) -> tuple[int, int]:
+    env = make_env(env_name)
+    try:
+        return env.observation_space.shape[0], env.action_space.shape[0]
+    finally:
+        env.close()
+
+
+def _new_policy(cfg: Config, obs_dim: int, action_dim: int) -> torch.nn.Module:
+    model_cls, config_cls = policy_classes(cfg.policy.name)
+    arch = {k: v for k, v in vars(cfg.policy).items() if k in config_cls.__dataclass_fields__}
+    return model_cls(obs_dim, action_dim, config_cls(**arch))
+
+
+def collect(cfg: Config, overrides: list[str]) -> None:
+    """Train (or load) an SB3 expert for ``env`` and record ``collect.episodes`` demonstrations."""
+    from robo_rlft.data import save_dataset
+    from robo_rlft.expert import Expert, rollout_expert, train_expert
+
+    run_dir = _setup(cfg, "collect")
+    expert_dir = Path(cfg.collect.expert) if cfg.collect.expert else None
+    if expert_dir is None:
+        expert_dir = train_expert(
+            cfg.env.name, cfg.collect.expert_steps, run_dir / "expert", seed=cfg.seed, progress=cfg.progress
+        )
+    expert = Expert.load(expert_dir, env_name=cfg.env.name)
+    dataset = rollout_expert(
+        expert,
+        cfg.env.name,
+        cfg.collect.episodes,
+        cfg.collect.action_noise,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
+    path = save_dataset(dataset, run_dir / "dataset.npz")
+    returns = dataset.episode_returns()
+    summary = {
+        "dataset": str(path),
+        "episodes": dataset.num_episodes,
+        "steps": dataset.num_steps,
+        "return_mean": float(returns.mean()),
+        "return_std": float(returns.std()),
+    }
+    (run_dir / "collect.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+def pretrain(cfg: Config, overrides: list[str]) -> None:
+    """Behaviour-clone ``policy`` on ``pretrain.dataset``; writes ``final/`` and ``eval.json``."""
+    from robo_rlft.algos.bc import pretrain_bc
+    from robo_rlft.data import load_dataset
+    from robo_rlft.evaluation import evaluate_policy
+
+    if not cfg.pretrain.dataset:
+        raise ValueError("pretrain.dataset is required: pass pretrain.dataset=PATH (made by `robo-rlft collect`).")
+    dataset = load_dataset(cfg.pretrain.dataset)
+    data_env = dataset.meta.get("env")
+    if data_env is not None and data_env != cfg.env.name:
+        raise ValueError(f"Dataset was recorded on env {data_env!r} but env={cfg.env.name!r}; pass env={data_env}.")
+    run_dir = _setup(cfg, "pretrain")
+    obs_dim, action_dim = _env_dims(cfg.env.name)
+    if (dataset.obs_dim, dataset.act_dim) != (obs_dim, action_dim):
+        raise ValueError(
+            f"Dataset dims (obs {dataset.obs_dim}, action {dataset.act_dim}) do not match env {cfg.env.name!r} "
+            f"(obs {obs_dim}, action {action_dim})."
+        )
+    policy = pretrain_bc(cfg, run_dir, _new_policy(cfg, obs_dim, action_dim), dataset)
+    metadata = {"env": cfg.env.name, "act_steps": cfg.env.act_steps, "trained_by": "robo-rlft pretrain",
+                "dataset": str(cfg.pretrain.dataset)}  # fmt: skip
+    save_policy(policy, run_dir / "final", metadata, include_noise=False)
+    if cfg.pretrain.eval_episodes:
+        result = evaluate_policy(policy, cfg.env.name, cfg.pretrain.eval_episodes, cfg.env.act_steps, device=cfg.device)
+        _write_eval(run_dir, result)
+
+
+def finetune(cfg: Config, overrides: list[str]) -> None:
+    """Online RL fine-tuning (``algo``) of ``policy.pretrained``; ``resume=RUN_DIR`` continues a run."""
+    from robo_rlft.algos.ppo import train_ppo
+    from robo_rlft.cli import config_from_saved
+
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+        saved = run_dir / CONFIG_FILE
+        if not saved.is_file():
+            raise FileNotFoundError(f"Cannot resume: {saved} not found (is {str(run_dir)!r} a finetune run?).")
+        # The run's own config, with this command line's overrides on top (e.g. more iterations).
+        cfg = config_from_saved(saved, [o for o in overrides if not o.startswith("resume=")])
+        _setup(cfg, "finetune", run_dir)
+        policy = None
+    else:
+        run_dir = _setup(cfg, "finetune")
+        pretrained = cfg.policy.pretrained or (
+            BUILTIN_PREFIX + BUILTIN_FOR_ENV[cfg.env.name] if cfg.env.name in BUILTIN_FOR_ENV else None
+        )
+        if pretrained is None:
+            raise ValueError(
+                f"No pretrained policy for env={cfg.env.name!r}: pass policy.pretrained=PATH (a checkpoint from "
+                f"`robo-rlft pretrain`). Built-in checkpoints exist for {sorted(BUILTIN_FOR_ENV)}."
+            )
+        obs_dim, action_dim = _env_dims(cfg.env.name)
+        policy, _ = load_policy(resolve_checkpoint(pretrained), cfg.policy.name, obs_dim, action_dim)
+    result = train_ppo(cfg, run_dir, policy, resume=policy is None)
+    _write_eval(run_dir, result)
+
+
+def evaluate(cfg: Config, overrides: list[str]) -> None:
+    """Evaluate ``eval.checkpoint`` with the deterministic sampler; writes ``eval.json`` (+ video)."""
+    from robo_rlft.evaluation import evaluate_policy, record_video
+
+    if not cfg.eval.checkpoint:
+        raise ValueError("eval.checkpoint is required: a checkpoint directory, a run directory, or builtin:NAME.")
+    checkpoint = resolve_checkpoint(cfg.eval.checkpoint)
+    run_dir = _setup(cfg, "eval")
+    policy, metadata = load_policy(checkpoint)
+    env_name = metadata.get("env", cfg.env.name)
+    act_steps = metadata.get("act_steps", cfg.env.act_steps)
+    policy.to(cfg.device)
+    result = evaluate_policy(policy, env_name, cfg.eval.episodes, act_steps, cfg.eval.num_envs, device=cfg.device)
+    result["checkpoint"] = str(checkpoint)
+    result["env"] = env_name
+    if cfg.eval.video:
+        result["video"] = str(record_video(policy, env_name, act_steps, run_dir / "video.mp4"))
+    _write_eval(run_dir, result)
+
+
+def _write_eval(run_dir: Path, result: dict) -> None:
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    ci = result["return_ci95"]
+    line = f"eval: return {result['return_mean']:.1f} ± {ci:.1f} (95% CI) over {result['episodes']} episodes"
+    if result.get("success_rate") is not None:
+        lo, hi = result["success_ci95"]
+        line += f", success {result['success_rate']:.2f} [{lo:.2f}, {hi:.2f}]"
+    print(f"{line}\n-> {run_dir / 'eval.json'}")

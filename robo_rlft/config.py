@@ -1,0 +1,249 @@
+"""Structured configs: every default lives here once, validated at start-up.
+
+Hydra composes these dataclasses with the YAML presets under ``configs/`` (groups ``env``,
+``policy``, ``algo``, ``experiment``); ``OmegaConf.to_object`` then builds the dataclasses, whose
+``__post_init__`` checks values and names the bad key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from envs import ENV_IDS
+from policies.chain import LOG_PROB_REDUCTIONS
+from policies.critic import CriticConfig
+from policies.flow import FlowPolicyConfig
+from policies.registry import POLICIES
+
+
+def _check_positive(section: str, obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is None or value <= 0:
+            raise ValueError(f"{section}.{name} must be > 0, got {value!r}.")
+
+
+def _check_choice(key: str, value: object, allowed: tuple | list) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}.")
+
+
+@dataclass
+class EnvConfig:
+    """Which environment, and how rollouts execute action chunks.
+
+    Attributes:
+        name: registered env name (see ``envs.ENV_IDS``).
+        num_envs: parallel envs for RL rollouts.
+        act_steps: actions executed per chunk (the chunk horizon H is ``policy.horizon``).
+        asynchronous: AsyncVectorEnv instead of Sync (only pays off for expensive steps).
+    """
+
+    name: str = "hopper"
+    num_envs: int = 16
+    act_steps: int = 4
+    asynchronous: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("env.name", self.name, sorted(ENV_IDS))
+        _check_positive("env", self, "num_envs", "act_steps")
+
+
+@dataclass
+class PolicyConfig(FlowPolicyConfig):
+    """Policy family plus its architecture.
+
+    Attributes:
+        name: policy family (``policies.registry.POLICIES``).
+        pretrained: checkpoint directory to start from; ``builtin:NAME`` names a checkpoint shipped
+            with the package. For ``finetune``, null means the built-in checkpoint for the env.
+        critic: value network used by RL.
+    """
+
+    name: str = "flow"
+    pretrained: str | None = None
+    critic: CriticConfig = field(default_factory=CriticConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("policy.name", self.name, sorted(POLICIES))
+
+
+@dataclass
+class PPOConfig:
+    """PPO over denoising chains (DESIGN.md §3, §6).
+
+    Attributes:
+        iterations: rollout + update cycles.
+        steps_per_iteration: chunk steps per env per iteration (envs are reset at each iteration).
+        gamma, gae_lambda: discount and GAE parameter per *chunk* step.
+        update_epochs, minibatch_size: passes over the batch and samples per gradient step.
+        actor_lr, critic_lr: Adam learning rates; ``lr_schedule`` decays them (``constant``/``linear``).
+        clip_coef: PPO clip on the chain ratio; pairs with ``log_prob_reduction`` (see
+            ``policies.chain.reduce_log_prob``).
+        log_prob_reduction: ``sum`` (exact chain likelihood) or ``mean`` (per element).
+        ent_coef: bonus on the entropy of the learned noise.
+        vf_coef: weight of the value loss.
+        target_kl: stop the epoch loop when the approximate KL exceeds it (null: never).
+        max_grad_norm: gradient clipping.
+        critic_warmup_iterations: first iterations update the critic only.
+        reward_scaling: divide rewards by the running std of the discounted return.
+        norm_adv: normalise advantages per minibatch.
+        eval_every, eval_episodes: deterministic evaluation cadence (0: only at the end).
+        checkpoint_every: iterations between checkpoints (also written at the end).
+    """
+
+    name: str = "ppo"
+    iterations: int = 40
+    steps_per_iteration: int = 250
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    update_epochs: int = 10
+    minibatch_size: int = 1000
+    actor_lr: float = 3e-4
+    critic_lr: float = 1e-3
+    lr_schedule: str = "constant"
+    clip_coef: float = 0.01
+    log_prob_reduction: str = "mean"
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5
+    target_kl: float | None = 0.01
+    max_grad_norm: float = 1.0
+    critic_warmup_iterations: int = 2
+    reward_scaling: bool = True
+    norm_adv: bool = True
+    eval_every: int = 10
+    eval_episodes: int = 10
+    checkpoint_every: int = 5
+
+    def __post_init__(self) -> None:
+        _check_choice("algo.name", self.name, ["ppo"])
+        _check_positive(
+            "algo", self, "iterations", "steps_per_iteration", "update_epochs", "minibatch_size",
+            "actor_lr", "critic_lr", "clip_coef", "max_grad_norm", "checkpoint_every", "eval_episodes",
+        )  # fmt: skip
+        _check_choice("algo.log_prob_reduction", self.log_prob_reduction, LOG_PROB_REDUCTIONS)
+        _check_choice("algo.lr_schedule", self.lr_schedule, ["constant", "linear"])
+        for name in ("gamma", "gae_lambda"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"algo.{name} must be in [0, 1], got {getattr(self, name)}.")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ValueError(f"algo.target_kl must be > 0 or null, got {self.target_kl}.")
+        if self.critic_warmup_iterations < 0 or self.eval_every < 0:
+            raise ValueError("algo.critic_warmup_iterations and algo.eval_every must be >= 0.")
+
+
+@dataclass
+class CollectConfig:
+    """``robo-rlft collect``: train (or load) an SB3 expert and roll it out into a dataset.
+
+    Attributes:
+        expert: directory of a trained expert (``expert.zip`` + ``obs_normalizer.npz``); null trains one.
+        expert_steps: PPO env steps when training the expert.
+        episodes: demonstration episodes to record.
+        action_noise: Gaussian std added to executed expert actions — the quality knob
+            (0: expert; 0.2-0.3: "medium" data with returns well below the expert's).
+    """
+
+    expert: str | None = None
+    expert_steps: int = 500_000
+    episodes: int = 50
+    action_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_positive("collect", self, "expert_steps", "episodes")
+        if self.action_noise < 0:
+            raise ValueError(f"collect.action_noise must be >= 0, got {self.action_noise}.")
+
+
+@dataclass
+class PretrainConfig:
+    """``robo-rlft pretrain``: behaviour cloning with the policy's supervised loss and EMA.
+
+    Attributes:
+        dataset: path to a ``.npz`` dataset written by ``robo-rlft collect``.
+        gradient_steps, batch_size, lr, weight_decay: optimisation.
+        ema_decay: exponential moving average of the weights; the EMA model is what is saved.
+        eval_episodes: evaluate the EMA policy at the end (0 to skip).
+    """
+
+    dataset: str | None = None
+    gradient_steps: int = 20_000
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    ema_decay: float = 0.995
+    eval_episodes: int = 10
+
+    def __post_init__(self) -> None:
+        _check_positive("pretrain", self, "gradient_steps", "batch_size", "lr")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"pretrain.ema_decay must be in [0, 1), got {self.ema_decay}.")
+
+
+@dataclass
+class EvalConfig:
+    """``robo-rlft eval``: deterministic-sampler evaluation of a checkpoint.
+
+    Attributes:
+        checkpoint: policy checkpoint directory, or a run directory (its ``best``/``final`` policy).
+        episodes: number of episodes; num_envs run in parallel.
+        video: also write ``video.mp4`` of the first episode (needs ``MUJOCO_GL=egl`` or ``osmesa`` headless).
+    """
+
+    checkpoint: str | None = None
+    episodes: int = 20
+    num_envs: int = 10
+    video: bool = False
+
+    def __post_init__(self) -> None:
+        _check_positive("eval", self, "episodes", "num_envs")
+
+
+@dataclass
+class Config:
+    """The whole run: one node per group plus per-verb sections.
+
+    Attributes:
+        seed: seeds torch, numpy and the envs.
+        run_dir: where everything is written (default ``runs/<verb>/<timestamp>``).
+        resume: a finetune run directory to continue exactly from its last checkpoint.
+        device: ``cpu`` or ``cuda``.
+        torch_threads: intra-op threads (0: torch's default). 1 by default: the networks are small, and
+            on a 2-core machine a second torch thread fights the simulator (we measured 1 ms -> 30 ms per
+            sample with 2 threads under load).
+        progress: show progress bars.
+    """
+
+    env: EnvConfig = field(default_factory=EnvConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    algo: PPOConfig = field(default_factory=PPOConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    run_dir: str | None = None
+    resume: str | None = None
+    device: str = "cpu"
+    torch_threads: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device={self.device!r} is not allowed; use 'cpu' or 'cuda[:N]'.")
+        if self.env.act_steps > self.policy.horizon:
+            raise ValueError(
+                f"env.act_steps={self.env.act_steps} exceeds policy.horizon={self.policy.horizon}: "
+                "a chunk cannot execute more actions than it predicts."
+            )
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (YAML presets extend them)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="env", name="base_env", node=EnvConfig)
+    cs.store(group="policy", name="base_flow", node=PolicyConfig)
+    cs.store(group="algo", name="base_ppo", node=PPOConfig)
