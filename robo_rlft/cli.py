@@ -82,7 +82,7 @@ def _explain_unknown_key(message: str) -> str | None:
         node = node[part]
     allowed = sorted(node.keys()) if isinstance(node, DictConfig) else []
     close = difflib.get_close_matches(leaf, allowed, n=1, cutoff=0.5)
-    hint = f" Did you mean {parent + '.' if parent else ''}{close[0]!r}?" if close else ""
+    hint = f" Did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
     return f"Unknown config key {full_key!r}.{hint} Allowed keys under {parent or 'the top level'!r}: {allowed}."
 
 

@@ -115,7 +115,7 @@ class PPOConfig:
     reward_scaling: bool = True
     norm_adv: bool = True
     eval_every: int = 10
-    eval_episodes: int = 10
+    eval_episodes: int = 20
     checkpoint_every: int = 5
 
     def __post_init__(self) -> None:
@@ -140,17 +140,19 @@ class CollectConfig:
     """``robo-rlft collect``: train (or load) an SB3 expert and roll it out into a dataset.
 
     Attributes:
-        expert: directory of a trained expert (``expert.zip`` + ``obs_normalizer.npz``); null trains one.
+        expert: a trained expert: a directory from a previous ``collect`` (``expert/``) or any SB3 model
+            ``.zip`` trained on raw observations; null trains one.
         expert_steps: PPO env steps when training the expert.
         episodes: demonstration episodes to record.
-        action_noise: Gaussian std added to executed expert actions — the quality knob
-            (0: expert; 0.2-0.3: "medium" data with returns well below the expert's).
+        action_noise: Gaussian std added to executed expert actions — the quality knob. On Hopper
+            (expert 3,273): 0.05 -> 2,849, 0.1 -> 2,105, 0.2 -> 1,099, 0.3 -> 789 mean return.
+            The default 0.2 gives "medium" data (about a third of the expert), which leaves RL room to improve.
     """
 
     expert: str | None = None
-    expert_steps: int = 500_000
+    expert_steps: int = 1_000_000
     episodes: int = 50
-    action_noise: float = 0.0
+    action_noise: float = 0.2
 
     def __post_init__(self) -> None:
         _check_positive("collect", self, "expert_steps", "episodes")
@@ -170,12 +172,12 @@ class PretrainConfig:
     """
 
     dataset: str | None = None
-    gradient_steps: int = 20_000
+    gradient_steps: int = 10_000
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-6
     ema_decay: float = 0.995
-    eval_episodes: int = 10
+    eval_episodes: int = 20
 
     def __post_init__(self) -> None:
         _check_positive("pretrain", self, "gradient_steps", "batch_size", "lr")

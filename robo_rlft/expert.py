@@ -110,24 +110,29 @@ class Expert:
 
     @classmethod
     def load(cls, path: str | Path, env_name: str | None = None) -> Expert:
-        """Load an expert directory written by :func:`train_expert`.
+        """Load an expert directory written by :func:`train_expert`, or a plain SB3 ``.zip``.
 
         Args:
-            path: the directory holding ``expert.zip``, ``obs_normalizer.npz`` and ``expert.json``.
+            path: the directory holding ``expert.zip``, ``obs_normalizer.npz`` and ``expert.json``; or
+                any SB3 model zip (PPO, SAC, TD3, A2C, DDPG) trained on raw observations, which then
+                needs ``env_name``.
             env_name: when given, the env the caller means to use; must be the expert's env.
 
         Raises:
             FileNotFoundError: the directory or one of its files is missing (named in the message).
-            ValueError: ``env_name`` differs from the env the expert was trained on.
+            ValueError: ``env_name`` differs from the env the expert was trained on, or is missing
+                for a plain zip, or the zip is no SB3 model.
         """
+        path = Path(path)
+        if path.suffix == ".zip" and path.is_file():
+            return cls._load_sb3_zip(path, env_name)
         from stable_baselines3 import PPO
 
-        path = Path(path)
         for name in (META_FILE, NORMALIZER_FILE, MODEL_FILE):
             if not (path / name).is_file():
                 raise FileNotFoundError(
                     f"Expert file missing: {path / name} (an expert directory holds {MODEL_FILE}, "
-                    f"{NORMALIZER_FILE} and {META_FILE}; create one with train_expert)."
+                    f"{NORMALIZER_FILE} and {META_FILE}; create one with train_expert, or pass an SB3 .zip)."
                 )
         meta = json.loads((path / META_FILE).read_text())
         if env_name is not None and envs.resolve_env_id(env_name) != envs.resolve_env_id(meta["env"]):
@@ -144,6 +149,33 @@ class Expert:
             clip_obs=float(norm["clip_obs"]),
             epsilon=float(norm["epsilon"]),
             meta=meta,
+            path=path,
+        )
+
+    @classmethod
+    def _load_sb3_zip(cls, path: Path, env_name: str | None) -> Expert:
+        """A bare SB3 model zip: no observation normaliser (identity), env given by the caller."""
+        import stable_baselines3 as sb3
+
+        if env_name is None:
+            raise ValueError(f"Loading the plain SB3 zip {path} needs the env it was trained on (env_name).")
+        errors = []
+        for algo in (sb3.PPO, sb3.SAC, sb3.TD3, sb3.A2C, sb3.DDPG):
+            try:
+                model = algo.load(path, device="cpu")
+                break
+            except Exception as exc:  # SB3 raises assorted errors for a zip of another algorithm
+                errors.append(f"{algo.__name__}: {type(exc).__name__}")
+        else:
+            raise ValueError(f"{path} is not a loadable SB3 model zip ({'; '.join(errors)}).")
+        shape = model.observation_space.shape
+        return cls(
+            model,
+            obs_mean=np.zeros(shape),
+            obs_var=np.ones(shape),
+            clip_obs=np.inf,
+            epsilon=0.0,
+            meta={"env": env_name, "source": f"sb3 zip ({type(model).__name__})"},
             path=path,
         )
 

@@ -124,3 +124,16 @@ def test_rollout_validates_arguments(expert):
         rollout_expert(expert, "hopper", num_episodes=1, action_noise=-0.1)
     with pytest.raises(ValueError, match="num_episodes must be >= 1, got 0"):
         rollout_expert(expert, "hopper", num_episodes=0)
+
+
+def test_plain_sb3_zip_loads_with_identity_normaliser(expert_dir):
+    from stable_baselines3 import PPO
+
+    zip_path = expert_dir / "expert.zip"
+    plain = Expert.load(zip_path, env_name="hopper")
+    obs = np.random.default_rng(0).normal(size=(4, plain.obs_dim)).astype(np.float32)
+    expected, _ = PPO.load(zip_path, device="cpu").predict(obs, deterministic=True)
+    np.testing.assert_array_equal(plain.act(obs), expected.astype(np.float32))
+    assert plain.meta["env"] == "hopper"
+    with pytest.raises(ValueError, match="needs the env"):
+        Expert.load(zip_path)

@@ -241,7 +241,8 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module, resume: bool = Fals
                     entropies.append(-losses.entropy.item() / algo.ent_coef if algo.ent_coef else math.nan)
                 if train_actor and algo.target_kl is not None and kls and np.mean(kls[-5:]) > algo.target_kl:
                     break
-            actor_scheduler.step()
+            if train_actor:  # the actor's schedule starts after critic warm-up
+                actor_scheduler.step()
             critic_scheduler.step()
             time_update = time.perf_counter() - tic
 
