@@ -24,6 +24,7 @@ The defaults take about 1.5-2 minutes. Run it on a quiet machine: every number i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import math
 import os
@@ -212,9 +213,12 @@ def per_step_log_prob_and_entropy(
 def check_agreement(policy: FlowPolicy, obs: torch.Tensor, chain: torch.Tensor) -> float:
     """Raise unless both implementations give the same log-probs, entropies and gradients; return the max error."""
     results = []
-    for fn in (policy.log_prob_and_entropy, per_step_log_prob_and_entropy.__get__(policy)):
+    for batched in (True, False):
         policy.zero_grad(set_to_none=True)
-        log_prob, entropy = fn(obs, chain)
+        if batched:
+            log_prob, entropy = policy.log_prob_and_entropy(obs, chain)
+        else:
+            log_prob, entropy = per_step_log_prob_and_entropy(policy, obs, chain)
         log_prob.sum().backward()
         grads = torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
         results.append((log_prob.detach(), entropy.detach(), grads))
@@ -305,8 +309,8 @@ def rollout_table(raw: list[RolloutTiming], flow: list[RolloutTiming], cfg: Flow
         "|---|---|---|",
         f"| sim (`envs.step`, {cfg.horizon} env steps per env) | {spread(ms_per_chunk(flow, 'sim_s'), '{:.2f}')} "
         f"| {spread(share(flow, 'sim_s'), '{:.0f}')} |",
-        f"| inference (obs → tensor, `policy.sample`, `.numpy()`) | {spread(ms_per_chunk(flow, 'inference_s'), '{:.2f}')} "
-        f"| {spread(share(flow, 'inference_s'), '{:.0f}')} |",
+        "| inference (obs → tensor, `policy.sample`, `.numpy()`) "
+        f"| {spread(ms_per_chunk(flow, 'inference_s'), '{:.2f}')} | {spread(share(flow, 'inference_s'), '{:.0f}')} |",
     ]
     return "\n".join(lines)
 
@@ -330,9 +334,11 @@ def main(argv: list[str] | None = None) -> None:
     # One torch thread: on a 2-core machine a second thread competing with the simulator made small-MLP
     # forwards ~30x slower. The PPO rollout runs the same way (robo_rlft `torch_threads`).
     torch.set_num_threads(1)
-    torch.set_num_interop_threads(1)
+    # Raises if inter-op work already started (main() called from Python after other torch use): keep it then.
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
     args = parse_args(argv)
-    command = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv)
+    command = shlex.join(["python", *sys.argv])
     started = datetime.datetime.now().astimezone()
     load_before = load_average()
     torch.manual_seed(args.seed)
@@ -390,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
             f"`FlowPolicy` with default `FlowPolicyConfig` (velocity MLP {cfg.hidden_dims}, "
             f"noise MLP {cfg.noise.hidden_dims}), randomly initialised: the architecture, not the weights, "
             "sets the cost. Env steps are executed single-env steps ((b) counts `executed_steps`). "
-            f"Figures: median (min–max) over {args.repeats} repeats of {args.seconds:g} s after {args.warmup:g} s "
+            f"Figures: median (min–max) over {args.repeats} repeat(s) of {args.seconds:g} s after {args.warmup:g} s "
             "warm-up; (a) and (b) interleaved repeat by repeat, ratios taken per repeat. Rollout (b) leaves out "
             "the critic forward that PPO's rollout also runs.",
             "",

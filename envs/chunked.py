@@ -8,7 +8,7 @@ import gymnasium as gym
 import numpy as np
 
 
-class ChunkedEnv(gym.Wrapper):
+class ChunkedEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Turn a per-step env into an env whose action is a chunk of shape ``(horizon, A)``.
 
     A chunk step executes the first ``act_steps`` rows, sums their rewards and stops early as soon
@@ -19,7 +19,8 @@ class ChunkedEnv(gym.Wrapper):
     """
 
     def __init__(self, env: gym.Env, horizon: int, act_steps: int) -> None:
-        super().__init__(env)
+        gym.utils.RecordConstructorArgs.__init__(self, horizon=horizon, act_steps=act_steps)
+        gym.Wrapper.__init__(self, env)
         if not isinstance(env.action_space, gym.spaces.Box) or len(env.action_space.shape) != 1:
             raise TypeError(f"ChunkedEnv needs a 1-D Box action space, got {env.action_space}.")
         if horizon < 1 or not 1 <= act_steps <= horizon:

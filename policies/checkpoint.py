@@ -36,6 +36,18 @@ _NORMALIZER_PREFIX = "normalizer."
 _OPTIONAL_PREFIXES = ("noise.",)
 
 
+def apply_umask(path: Path) -> None:
+    """Give ``path`` (a file, or a directory and everything in it) the permissions a plain
+    ``open``/``mkdir`` would have had: ``tempfile`` creates private (0600/0700) entries and
+    safetensors writes 0600 files, which would hide checkpoints from other users or processes.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    entries = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for entry in entries:
+        entry.chmod((0o777 if entry.is_dir() else 0o666) & ~umask)
+
+
 def _config_from_dict(config_cls: type, data: dict[str, Any]) -> Any:
     """Rebuild a (possibly nested) config dataclass from its ``asdict`` form."""
     kwargs = {}
@@ -82,6 +94,7 @@ def save_policy(
         "metadata": metadata or {},
     }
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    apply_umask(tmp)
     if path.exists():
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +64,17 @@ class FlowPolicy(nn.Module):
         self.velocity_net = mlp(obs_dim + config.time_embed_dim + chunk_dim, config.hidden_dims, chunk_dim)
         self.noise = ReinFlowNoise(obs_dim + config.time_embed_dim, config.horizon, action_dim, config.noise)
 
+    def configure_noise(self, config: ReinFlowNoiseConfig) -> None:
+        """Switch the exploration-noise settings (fine-tuning choices, not part of the base model).
+
+        New std bounds keep a trained head's weights; a different head shape starts a fresh head.
+        """
+        if config.hidden_dims != self.config.noise.hidden_dims:
+            device = self.normalizer.obs_mean.device
+            self.noise = ReinFlowNoise(self.noise.net[0].in_features, self.horizon, self.action_dim, config).to(device)
+        self.noise.config = config
+        self.config = dataclasses.replace(self.config, noise=config)
+
     # ---- the one place that defines the chain's time grid, means and stds ----
     def time_grid(self) -> torch.Tensor:
         """``(K,)`` start times ``t_k = k / K`` of the Euler steps."""
@@ -81,15 +93,19 @@ class FlowPolicy(nn.Module):
         return mean, std
 
     # ---- chain interface ----
-    def sample(self, obs: torch.Tensor, deterministic: bool = False) -> ChainSample:
+    def sample(
+        self, obs: torch.Tensor, deterministic: bool = False, generator: torch.Generator | None = None
+    ) -> ChainSample:
         """Sample an action chunk. ``obs (B, obs_dim)`` in env units.
 
         Deterministic sampling is the plain Euler ODE (the noise head is not used), which is how
-        the policy is evaluated and deployed.
+        the policy is evaluated and deployed; it is deterministic given ``x_0``. ``generator`` draws
+        all noise (default: the global torch RNG); evaluation passes its own so that it never
+        shifts the training RNG stream.
         """
         obs_norm = self.normalizer.normalize_obs(obs)
         batch = obs.shape[0]
-        x = torch.randn(batch, self.horizon, self.action_dim, device=obs.device)
+        x = torch.randn(batch, self.horizon, self.action_dim, device=obs.device, generator=generator)
         chain = [x]
         log_probs, stds = [], []
         for k in range(self.num_steps):
@@ -101,7 +117,7 @@ class FlowPolicy(nn.Module):
                 stds.append(torch.zeros_like(x))
             else:
                 mean, std = self.transition(x, step, obs_norm)
-                x = mean + std * torch.randn_like(mean)
+                x = mean + std * torch.randn(mean.shape, device=mean.device, generator=generator)
                 log_probs.append(gaussian_log_prob(x, mean, std))
                 stds.append(std)
             chain.append(x)

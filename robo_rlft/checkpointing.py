@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from policies.checkpoint import load_policy, save_policy
+from policies.checkpoint import apply_umask, load_policy, save_policy
 
 LATEST_FILE = "latest"
 
@@ -59,6 +59,7 @@ def save_training_checkpoint(
     save_file({k: v.detach().cpu().contiguous() for k, v in critic.state_dict().items()}, tmp / "critic.safetensors")
     torch.save({**optim_state, "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps({"iteration": iteration, **state}, indent=2))
+    apply_umask(tmp)
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -84,14 +85,19 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return path
 
 
-def load_training_checkpoint(path: Path, critic: torch.nn.Module) -> dict[str, Any]:
+def load_training_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_training_checkpoint`.
 
-    Loads the critic in place and restores the torch RNG; returns ``{"policy", "optim", "state"}``
-    with the policy rebuilt from its own directory.
+    Returns ``{"policy", "critic_state", "optim", "state"}``; the policy is rebuilt from its own
+    directory, the critic's state dict is for the caller's critic, and ``optim["torch_rng"]`` is the
+    RNG state to restore with ``torch.set_rng_state`` right before training continues (building
+    modules after restoring it would consume random numbers the uninterrupted run did not).
     """
     policy, _ = load_policy(path / "policy")
-    critic.load_state_dict(load_file(path / "critic.safetensors"))
     optim = torch.load(path / "optim.pt", weights_only=True)
-    torch.set_rng_state(optim.pop("torch_rng"))
-    return {"policy": policy, "optim": optim, "state": json.loads((path / "state.json").read_text())}
+    return {
+        "policy": policy,
+        "critic_state": load_file(path / "critic.safetensors"),
+        "optim": optim,
+        "state": json.loads((path / "state.json").read_text()),
+    }

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"robo-rlft {verb}: {VERBS[verb]}\n\n{OmegaConf.to_yaml(OmegaConf.structured(cfg))}")
             return 0
         _run_verb(verb, cfg, overrides)
-    except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         print(f"robo-rlft {verb}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -15,6 +16,7 @@ from omegaconf import OmegaConf
 from envs import make_env
 from policies.checkpoint import load_policy, read_checkpoint_config, save_policy
 from policies.registry import policy_classes
+from robo_rlft.checkpointing import latest_checkpoint
 from robo_rlft.config import Config
 
 logger = logging.getLogger("robo_rlft")
@@ -25,23 +27,55 @@ BUILTIN_PREFIX = "builtin:"
 BUILTIN_FOR_ENV = {"hopper": "hopper_flow"}
 
 
-def _setup(cfg: Config, verb: str, run_dir: Path | None = None) -> Path:
-    """Seed everything, create the run directory and save the resolved config in it."""
-    from robo_rlft.cli import default_run_dir
+# Loggers of our packages, whose INFO lines go to the run's log file.
+_PACKAGE_LOGGERS = ("robo_rlft", "envs", "policies")
+_run_log_handler: logging.Handler | None = None
 
+
+def _seed_everything(cfg: Config) -> None:
+    """Seed every RNG and set torch's threads; first thing in every verb, before any model is built
+    (a checkpoint without a noise head gets a freshly initialised one)."""
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
-    run_dir = Path(run_dir or cfg.run_dir or default_run_dir(verb, cfg))
+
+
+def _setup(cfg: Config, verb: str, resume_dir: Path | None = None) -> Path:
+    """Create the run directory, save the resolved config and log into it.
+
+    A new run refuses a directory that already holds a run (its config would be overwritten);
+    ``resume_dir`` continues the run there.
+    """
+    from robo_rlft.cli import default_run_dir
+
+    run_dir = Path(resume_dir or cfg.run_dir or default_run_dir(verb, cfg))
+    if resume_dir is None and (run_dir / CONFIG_FILE).exists():
+        raise FileExistsError(
+            f"run_dir {str(run_dir)!r} already holds a run; choose another run_dir"
+            + (f", or continue it with resume={run_dir}." if verb == "finetune" else ".")
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    file_handler = logging.FileHandler(run_dir / f"{verb}.log")
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(file_handler)
+    _log_to(run_dir / f"{verb}.log")
     logger.info("robo-rlft %s: writing to %s", verb, run_dir)
     return run_dir
+
+
+def _log_to(path: Path) -> None:
+    """Send our packages' INFO logs to ``path`` (replacing the previous run's file, if any)."""
+    global _run_log_handler
+    root = logging.getLogger()
+    if _run_log_handler is not None:
+        root.removeHandler(_run_log_handler)
+        _run_log_handler.close()
+    _run_log_handler = logging.FileHandler(path)
+    _run_log_handler.setLevel(logging.INFO)
+    _run_log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(_run_log_handler)
+    for name in _PACKAGE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -81,6 +115,7 @@ def collect(cfg: Config, overrides: list[str]) -> None:
     from robo_rlft.data import save_dataset
     from robo_rlft.expert import Expert, rollout_expert, train_expert
 
+    _seed_everything(cfg)
     run_dir = _setup(cfg, "collect")
     expert_dir = Path(cfg.collect.expert) if cfg.collect.expert else None
     if expert_dir is None:
@@ -115,19 +150,20 @@ def pretrain(cfg: Config, overrides: list[str]) -> None:
     from robo_rlft.data import load_dataset
     from robo_rlft.evaluation import evaluate_policy
 
+    _seed_everything(cfg)
     if not cfg.pretrain.dataset:
         raise ValueError("pretrain.dataset is required: pass pretrain.dataset=PATH (made by `robo-rlft collect`).")
     dataset = load_dataset(cfg.pretrain.dataset)
     data_env = dataset.meta.get("env")
     if data_env is not None and data_env != cfg.env.name:
         raise ValueError(f"Dataset was recorded on env {data_env!r} but env={cfg.env.name!r}; pass env={data_env}.")
-    run_dir = _setup(cfg, "pretrain")
     obs_dim, action_dim = _env_dims(cfg.env.name)
     if (dataset.obs_dim, dataset.act_dim) != (obs_dim, action_dim):
         raise ValueError(
             f"Dataset dims (obs {dataset.obs_dim}, action {dataset.act_dim}) do not match env {cfg.env.name!r} "
             f"(obs {obs_dim}, action {action_dim})."
         )
+    run_dir = _setup(cfg, "pretrain")
     policy = pretrain_bc(cfg, run_dir, _new_policy(cfg, obs_dim, action_dim), dataset)
     metadata = {"env": cfg.env.name, "act_steps": cfg.env.act_steps, "trained_by": "robo-rlft pretrain",
                 "dataset": str(cfg.pretrain.dataset)}  # fmt: skip
@@ -142,6 +178,7 @@ def finetune(cfg: Config, overrides: list[str]) -> None:
     from robo_rlft.algos.ppo import train_ppo
     from robo_rlft.cli import config_from_saved
 
+    _seed_everything(cfg)
     if cfg.resume:
         run_dir = Path(cfg.resume)
         saved = run_dir / CONFIG_FILE
@@ -149,10 +186,15 @@ def finetune(cfg: Config, overrides: list[str]) -> None:
             raise FileNotFoundError(f"Cannot resume: {saved} not found (is {str(run_dir)!r} a finetune run?).")
         # The run's own config, with this command line's overrides on top (e.g. more iterations).
         cfg = config_from_saved(saved, [o for o in overrides if not o.startswith("resume=")])
-        _setup(cfg, "finetune", run_dir)
+        done = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())["iteration"]
+        if done >= cfg.algo.iterations:
+            raise ValueError(
+                f"Run {str(run_dir)!r} already finished {done} iterations (algo.iterations={cfg.algo.iterations}); "
+                f"pass algo.iterations=N with N > {done} to continue it."
+            )
+        _setup(cfg, "finetune", resume_dir=run_dir)
         policy = None
     else:
-        run_dir = _setup(cfg, "finetune")
         pretrained = cfg.policy.pretrained or (
             BUILTIN_PREFIX + BUILTIN_FOR_ENV[cfg.env.name] if cfg.env.name in BUILTIN_FOR_ENV else None
         )
@@ -163,19 +205,45 @@ def finetune(cfg: Config, overrides: list[str]) -> None:
             )
         obs_dim, action_dim = _env_dims(cfg.env.name)
         policy, _ = load_policy(resolve_checkpoint(pretrained), cfg.policy.name, obs_dim, action_dim)
+        cfg = _with_checkpoint_architecture(cfg, policy)
+        run_dir = _setup(cfg, "finetune")
     result = train_ppo(cfg, run_dir, policy, resume=policy is None)
     _write_eval(run_dir, result)
+
+
+def _with_checkpoint_architecture(cfg: Config, policy: torch.nn.Module) -> Config:
+    """The config with ``policy.*`` architecture fields taken from the loaded checkpoint.
+
+    The checkpoint defines the network, so differing config values are reported and replaced;
+    ``env.act_steps`` is re-checked against the checkpoint's horizon. The noise scheme is a
+    fine-tuning choice: the config's ``policy.noise`` is applied to the loaded policy.
+    """
+    policy.configure_noise(cfg.policy.noise)
+    arch = {k: v for k, v in vars(policy.config).items() if k != "noise"}
+    differing = {k: (getattr(cfg.policy, k), v) for k, v in arch.items() if getattr(cfg.policy, k) != v}
+    if differing:
+        logger.info(
+            "Architecture from the checkpoint: %s",
+            ", ".join(f"policy.{k}={theirs} (config had {mine})" for k, (mine, theirs) in differing.items()),
+        )
+    if cfg.env.act_steps > policy.horizon:
+        raise ValueError(
+            f"env.act_steps={cfg.env.act_steps} exceeds the checkpoint's policy.horizon={policy.horizon}; "
+            f"pass env.act_steps=N with N <= {policy.horizon}."
+        )
+    return dataclasses.replace(cfg, policy=dataclasses.replace(cfg.policy, **arch))
 
 
 def evaluate(cfg: Config, overrides: list[str]) -> None:
     """Evaluate ``eval.checkpoint`` with the deterministic sampler; writes ``eval.json`` (+ video)."""
     from robo_rlft.evaluation import evaluate_policy, record_video
 
+    _seed_everything(cfg)
     if not cfg.eval.checkpoint:
         raise ValueError("eval.checkpoint is required: a checkpoint directory, a run directory, or builtin:NAME.")
     checkpoint = resolve_checkpoint(cfg.eval.checkpoint)
-    run_dir = _setup(cfg, "eval")
     policy, metadata = load_policy(checkpoint)
+    run_dir = _setup(cfg, "eval")
     env_name = metadata.get("env", cfg.env.name)
     act_steps = metadata.get("act_steps", cfg.env.act_steps)
     policy.to(cfg.device)

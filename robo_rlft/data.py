@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from policies.checkpoint import apply_umask
+
 FORMAT_VERSION = 1
 ARRAY_KEYS: tuple[str, ...] = ("observations", "actions", "rewards", "terminals", "truncations")
 META_KEY = "meta_json"
@@ -228,6 +230,7 @@ def save_dataset(ds: DemoDataset, path: str | os.PathLike[str]) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez_compressed(f, **arrays)
+        apply_umask(Path(tmp_name))  # mkstemp makes the file private (0600)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from envs import ChunkedEnv, make_env, make_vector_env, step_info_value
+from envs import make_env, make_vector_env, step_info_value
 from robo_rlft.stats import mean_ci95, wilson_ci95
 
 logger = logging.getLogger(__name__)
@@ -27,9 +27,10 @@ def evaluate_policy(
 ) -> dict[str, Any]:
     """Run ``num_episodes`` episodes with the policy's deterministic sampler.
 
-    Episodes run in batches of ``num_envs``; episode ``i`` uses reset seed ``seed + i``, so two
-    evaluations with the same seed see the same initial states. The default seed range is far from
-    training seeds.
+    Episodes run in batches of ``num_envs``; episode ``i`` uses reset seed ``seed + i`` and the
+    sampler's noise comes from a generator seeded with ``seed``, so two evaluations with the same
+    seed are identical, and evaluating never moves the training RNG. The default seed range is far
+    from training seeds.
 
     Returns:
         ``return_mean``, ``return_ci95`` (t-interval half-width), ``success_rate`` and
@@ -41,6 +42,7 @@ def evaluate_policy(
     returns, lengths, successes = [], [], []
     has_success = False
     envs = make_vector_env(env_name, min(num_envs, num_episodes), policy.horizon, act_steps)
+    generator = torch.Generator(device=device).manual_seed(seed)
     try:
         for start in range(0, num_episodes, envs.num_envs):
             n = min(envs.num_envs, num_episodes - start)
@@ -50,7 +52,8 @@ def evaluate_policy(
             ep_success = np.zeros(envs.num_envs, dtype=bool)
             active = np.arange(envs.num_envs) < n
             while active.any():
-                actions = policy.sample(torch.as_tensor(obs, dtype=torch.float32, device=device), True).actions
+                obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
+                actions = policy.sample(obs_t, deterministic=True, generator=generator).actions
                 obs, reward, terminated, truncated, info = envs.step(actions.cpu().numpy())
                 ended = terminated | truncated
                 ep_return[active] += reward[active]
@@ -85,32 +88,34 @@ def evaluate_policy(
 
 
 @torch.no_grad()
-def record_video(
-    policy: torch.nn.Module, env_name: str, act_steps: int, path: Path, seed: int = 100_000, fps: int = 50
-) -> Path:
+def record_video(policy: torch.nn.Module, env_name: str, act_steps: int, path: Path, seed: int = 100_000) -> Path:
     """Render one deterministic episode to ``path`` (mp4). Headless machines need ``MUJOCO_GL=egl``/``osmesa``."""
     import imageio.v2 as imageio
 
-    env = ChunkedEnv(make_env(env_name, render_mode="rgb_array"), policy.horizon, act_steps)
+    # The plain env, stepped one action at a time, so the video shows every simulator frame.
+    env = make_env(env_name, render_mode="rgb_array")
+    was_training = policy.training
     policy.eval()
-    frames = []
+    device = next(policy.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
     try:
         obs, _ = env.reset(seed=seed)
-        frames.append(env.render())
+        frames = [env.render()]
         done = False
-        device = next(policy.parameters()).device
         while not done:
-            chunk = policy.sample(torch.as_tensor(obs, dtype=torch.float32, device=device)[None], True).actions[0]
-            # Step the inner env one action at a time so the video shows every frame.
+            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+            chunk = policy.sample(obs_t, deterministic=True, generator=generator).actions[0]  # (H, A)
             for action in chunk[:act_steps].cpu().numpy():
-                obs, _, terminated, truncated, _ = env.env.step(action)
+                obs, _, terminated, truncated, _ = env.step(action)
                 frames.append(env.render())
                 done = terminated or truncated
                 if done:
                     break
     finally:
         env.close()
+        policy.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fps = env.metadata.get("render_fps", 30)  # real time
     imageio.mimsave(path, frames, fps=fps, macro_block_size=1)
     logger.info("Wrote %d frames to %s", len(frames), path)
     return path

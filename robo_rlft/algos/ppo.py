@@ -83,25 +83,30 @@ def ppo_losses(
     )
 
 
-def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module, resume: bool = False) -> dict[str, Any]:
+def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool = False) -> dict[str, Any]:
     """Fine-tune ``policy`` with PPO; writes metrics, checkpoints, ``best/`` and ``final/`` to ``run_dir``.
 
-    Returns the last evaluation result.
+    With ``resume=True`` the policy (pass None) and all training state come from the run's latest
+    checkpoint. Returns the last evaluation result.
     """
     algo, device = cfg.algo, torch.device(cfg.device)
     num_envs, num_steps = cfg.env.num_envs, algo.steps_per_iteration
-    envs = make_vector_env(cfg.env.name, num_envs, cfg.policy.horizon, cfg.env.act_steps, cfg.env.asynchronous)
-    obs_dim = envs.single_observation_space.shape[0]
-    critic = ValueCritic(obs_dim, cfg.policy.critic)
     reward_scaler = RunningRewardScaler(num_envs, algo.gamma)
     start_iteration, env_steps, best_return = 0, 0, -math.inf
     optim_state: dict[str, Any] | None = None
     if resume:
-        loaded = load_training_checkpoint(latest_checkpoint(run_dir), critic)
+        loaded = load_training_checkpoint(latest_checkpoint(run_dir))
         policy, optim_state, state = loaded["policy"], loaded["optim"], loaded["state"]
         start_iteration, env_steps, best_return = state["iteration"], state["env_steps"], state["best_return"]
         reward_scaler.load_state_dict(state["reward_scaler"])
         logger.info("Resumed %s at iteration %d (%d env steps).", run_dir, start_iteration, env_steps)
+    critic = ValueCritic(policy.obs_dim, cfg.policy.critic)
+    if resume:
+        critic.load_state_dict(loaded["critic_state"])
+    if cfg.env.act_steps > policy.horizon:
+        raise ValueError(f"env.act_steps={cfg.env.act_steps} exceeds the policy's horizon {policy.horizon}.")
+    envs = make_vector_env(cfg.env.name, num_envs, policy.horizon, cfg.env.act_steps, cfg.env.asynchronous)
+    obs_dim = policy.obs_dim
     policy.to(device).train()
     critic.to(device).train()
     actor_optimizer = torch.optim.Adam(policy.parameters(), lr=algo.actor_lr)
@@ -135,6 +140,8 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module, resume: bool = Fals
     next_value_buf = torch.zeros(num_steps, num_envs)
     end_buf = torch.zeros(num_steps, num_envs)
 
+    if optim_state is not None:
+        torch.set_rng_state(optim_state["torch_rng"])  # last: nothing may draw random numbers after it
     bar = progress_bar(algo.iterations, "finetune", enabled=cfg.progress, completed=start_iteration)
     try:
         for iteration in range(start_iteration, algo.iterations):
