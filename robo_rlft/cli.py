@@ -19,7 +19,14 @@ from robo_rlft.config import Config, register_configs
 
 logger = logging.getLogger("robo_rlft")
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _find_config_dir() -> Path:
+    """``configs/`` of a source checkout (editable install), else the copy a wheel ships in the package."""
+    source = Path(__file__).resolve().parent.parent / "configs"
+    return source if (source / "config.yaml").is_file() else Path(__file__).resolve().parent / "configs"
+
+
+CONFIG_DIR = _find_config_dir()
 
 VERBS: dict[str, str] = {
     "collect": "train (or load) an SB3 expert and record a demonstration dataset",
@@ -90,7 +97,7 @@ def compose_config(overrides: list[str]) -> Config:
     """Compose and validate the config; raises :class:`ConfigError` with a readable message."""
     register_configs()
     if not CONFIG_DIR.is_dir():
-        raise ConfigError(f"Config directory {CONFIG_DIR} not found; install robo-rlft from a source checkout.")
+        raise ConfigError(f"Config directory {CONFIG_DIR} not found; reinstall robo-rlft (`pip install -e .`).")
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)

@@ -194,7 +194,8 @@ def test_collect_pretrain_finetune_eval_chain(tmp_path, capsys):
 def _check_finetune_run(run_dir: Path, iterations: int, eval_episodes: int) -> None:
     assert json.loads((run_dir / "final" / "config.json").read_text())["metadata"]["iteration"] == iterations
     assert (run_dir / "best" / "config.json").is_file()
-    rows = _read_csv(run_dir / "metrics.csv")
+    pretrained, *rows = _read_csv(run_dir / "metrics.csv")
+    assert int(pretrained["iteration"]) == 0 and pretrained["eval_return_mean"], "row 0 evaluates the start"
     assert rows[0].keys() >= METRIC_COLUMNS, sorted(rows[0])
     assert [int(r["iteration"]) for r in rows] == list(range(1, iterations + 1))
     env_steps = [int(r["env_steps"]) for r in rows]

@@ -24,13 +24,18 @@ from robo_rlft.cli import compose_config, main
 TIME_COLUMNS = ("time_sim", "time_inference", "time_update")
 
 
-def _rows(run_dir: Path) -> list[dict[str, str]]:
+def _all_rows(run_dir: Path) -> list[dict[str, str]]:
     with open(run_dir / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
 
 
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    """The training iterations' rows (row 0 is the evaluation of the pretrained policy)."""
+    return [row for row in _all_rows(run_dir) if row["iteration"] != "0"]
+
+
 def _rows_without_times(run_dir: Path) -> list[dict[str, str]]:
-    return [{k: v for k, v in row.items() if k not in TIME_COLUMNS} for row in _rows(run_dir)]
+    return [{k: v for k, v in row.items() if k not in TIME_COLUMNS} for row in _all_rows(run_dir)]
 
 
 def _assert_same_weights(a: Path, b: Path) -> None:
@@ -53,7 +58,8 @@ def test_first_minibatch_ratio_is_one_every_iteration(tmp_path, hopper_checkpoin
     extra = ["algo.iterations=3", "algo.critic_warmup_iterations=1", f"algo.log_prob_reduction={reduction}"]
     extra += ["algo.target_kl=null", "algo.actor_lr=1e-3"]
     assert _finetune(run_dir, hopper_checkpoint, tiny_finetune, *extra) == 0
-    rows = _rows(run_dir)
+    first, *rows = _all_rows(run_dir)
+    assert (first["iteration"], first["env_steps"]) == ("0", "0") and float(first["eval_return_mean"]) > 0
     assert len(rows) == 3
     for row in rows:
         assert abs(float(row["ratio_first_minibatch"]) - 1.0) < 1e-5, row

@@ -42,6 +42,7 @@ class PPOLosses:
     approx_kl: float
     clip_fraction: float
     ratio_mean: float
+    entropy_mean: float
 
 
 def ppo_losses(
@@ -80,7 +81,16 @@ def ppo_losses(
         approx_kl=approx_kl,
         clip_fraction=clip_fraction,
         ratio_mean=ratio.mean().item(),
+        entropy_mean=entropy_elements.mean().item(),
     )
+
+
+def eval_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The ``eval/`` metrics of an :func:`evaluate_policy` result."""
+    metrics = {"eval/return_mean": result["return_mean"], "eval/return_ci95": result["return_ci95"]}
+    if result["success_rate"] is not None:
+        metrics["eval/success_rate"] = result["success_rate"]
+    return metrics
 
 
 def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool = False) -> dict[str, Any]:
@@ -130,6 +140,12 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
     }
     last_eval: dict[str, Any] = {}
 
+    def values_of(obs_np: np.ndarray) -> torch.Tensor:
+        """``V(o)`` of raw observations: ``(N, obs_dim) -> (N,)`` on the CPU."""
+        obs = torch.as_tensor(obs_np, dtype=torch.float32, device=device)
+        with torch.no_grad():
+            return critic(policy.normalizer.normalize_obs(obs)).cpu()
+
     # ---- rollout storage: (T, N, ...) ----
     horizon, num_denoise, action_dim = policy.horizon, policy.num_steps, policy.action_dim
     obs_buf = torch.zeros(num_steps, num_envs, obs_dim)
@@ -139,6 +155,20 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
     value_buf = torch.zeros(num_steps, num_envs)
     next_value_buf = torch.zeros(num_steps, num_envs)
     end_buf = torch.zeros(num_steps, num_envs)
+
+    def evaluate_and_keep_best(iteration: int) -> dict[str, Any]:
+        """Deterministic-sampler evaluation (own RNG, so it never shifts training); saves ``best/``."""
+        nonlocal best_return
+        result = evaluate_policy(policy, cfg.env.name, algo.eval_episodes, cfg.env.act_steps, device=device)
+        if result["return_mean"] > best_return:
+            best_return = result["return_mean"]
+            save_policy(policy, run_dir / "best", {**policy_metadata, "iteration": iteration})
+        return result
+
+    if start_iteration == 0:
+        # Iteration 0 is the pretrained policy: the curve starts where fine-tuning starts.
+        last_eval = evaluate_and_keep_best(0)
+        metrics.log(0, {"iteration": 0, "env_steps": 0, **eval_metrics(last_eval)})
 
     if optim_state is not None:
         torch.set_rng_state(optim_state["torch_rng"])  # last: nothing may draw random numbers after it
@@ -159,7 +189,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
                 obs = torch.as_tensor(obs_np, dtype=torch.float32)
                 with torch.no_grad():
                     sample = policy.sample(obs.to(device))
-                    value = critic(policy.normalizer.normalize_obs(obs.to(device))).cpu()
+                value = values_of(obs_np)
                 std_sum += sample.std.mean().item()
                 time_inference += time.perf_counter() - tic
 
@@ -185,16 +215,11 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
                 # Bootstrap target after step t: V(final_obs) if truncated (time limit, not a terminal
                 # state), 0 if terminated, else V(o_{t+1}) (filled in from value_buf below).
                 next_value_buf[t] = 0.0
-                if truncated.any() and "final_obs" in info:
-                    idx = np.flatnonzero(truncated & ~terminated)
-                    final_obs = torch.as_tensor(np.stack(info["final_obs"][idx]), dtype=torch.float32)
-                    with torch.no_grad():
-                        next_value_buf[t, idx] = critic(policy.normalizer.normalize_obs(final_obs.to(device))).cpu()
-            with torch.no_grad():
-                last_value = critic(
-                    policy.normalizer.normalize_obs(torch.as_tensor(obs_np, dtype=torch.float32).to(device))
-                ).cpu()
-            following_values = torch.cat([value_buf[1:], last_value[None]], 0)
+                truncated_only = np.flatnonzero(truncated & ~terminated)
+                if truncated_only.size:
+                    next_value_buf[t, truncated_only] = values_of(np.stack(info["final_obs"][truncated_only]))
+            # The rollout's end is a truncation too: bootstrap from the value of the last observation.
+            following_values = torch.cat([value_buf[1:], values_of(obs_np)[None]], 0)
             next_values = torch.where(end_buf.bool(), next_value_buf, following_values)
             advantages, returns = compute_gae(reward_buf, value_buf, next_values, end_buf, algo.gamma, algo.gae_lambda)
 
@@ -245,7 +270,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
                     clip_fracs.append(losses.clip_fraction)
                     policy_losses.append(losses.policy.item())
                     value_losses.append(losses.value.item())
-                    entropies.append(-losses.entropy.item() / algo.ent_coef if algo.ent_coef else math.nan)
+                    entropies.append(losses.entropy_mean)
                 if train_actor and algo.target_kl is not None and kls and np.mean(kls[-5:]) > algo.target_kl:
                     break
             if train_actor:  # the actor's schedule starts after critic warm-up
@@ -264,6 +289,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
                 "train/ratio_first_minibatch": ratio_first,
                 "train/policy_loss": float(np.mean(policy_losses)) if policy_losses else math.nan,
                 "train/value_loss": float(np.mean(value_losses)) if value_losses else math.nan,
+                "train/entropy": float(np.mean(entropies)) if entropies else math.nan,
                 "train/skipped_updates": skipped,
                 "train/actor_lr": actor_scheduler.get_last_lr()[0],
                 "time/sim": time_sim,
@@ -275,16 +301,8 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
 
             done = iteration + 1 == algo.iterations
             if done or (algo.eval_every and (iteration + 1) % algo.eval_every == 0):
-                last_eval = evaluate_policy(
-                    policy, cfg.env.name, algo.eval_episodes, cfg.env.act_steps, seed=100_000, device=device
-                )
-                row["eval/return_mean"] = last_eval["return_mean"]
-                row["eval/return_ci95"] = last_eval["return_ci95"]
-                if last_eval["success_rate"] is not None:
-                    row["eval/success_rate"] = last_eval["success_rate"]
-                if last_eval["return_mean"] > best_return:
-                    best_return = last_eval["return_mean"]
-                    save_policy(policy, run_dir / "best", {**policy_metadata, "iteration": iteration + 1})
+                last_eval = evaluate_and_keep_best(iteration + 1)
+                row.update(eval_metrics(last_eval))
             metrics.log(env_steps, row)
             if done or (iteration + 1) % algo.checkpoint_every == 0:
                 save_training_checkpoint(
