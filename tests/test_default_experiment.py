@@ -69,7 +69,10 @@ def test_finetuning_the_builtin_checkpoint_raises_the_return(tmp_path):
     run_dir = tmp_path / "run"
     assert main(["finetune", f"run_dir={run_dir}", "algo.iterations=12", "algo.eval_every=0", "progress=false"]) == 0
     with open(run_dir / "metrics.csv") as f:
-        returns = np.array([float(row["return_mean"]) for row in csv.DictReader(f)])
+        pretrained, *rows = csv.DictReader(f)  # row 0 evaluates the pretrained policy
+    returns = np.array([float(row["return_mean"]) for row in rows])
     assert np.isfinite(returns).all()
     first, last = returns[:3].mean(), returns[-3:].mean()
-    assert last > 1.2 * first, f"return did not rise: first iterations {first:.0f}, last {last:.0f}"
+    assert last > 1.2 * first, f"rollout return did not rise: first iterations {first:.0f}, last {last:.0f}"
+    before, after = float(pretrained["eval_return_mean"]), float(rows[-1]["eval_return_mean"])
+    assert after > before, f"deterministic evaluation did not improve: {before:.0f} -> {after:.0f}"

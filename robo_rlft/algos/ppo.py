@@ -236,8 +236,10 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
             train_actor = iteration >= algo.critic_warmup_iterations
             ratio_first = math.nan
             kls, clip_fracs, policy_losses, value_losses, entropies = [], [], [], [], []
-            skipped = 0
+            skipped = epochs_run = 0
             for _epoch in range(algo.update_epochs):
+                epochs_run += 1
+                epoch_start = len(kls)
                 perm = torch.randperm(batch_size, device=device)
                 for start in range(0, batch_size, minibatch):
                     mb = perm[start : start + minibatch]
@@ -271,7 +273,9 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
                     policy_losses.append(losses.policy.item())
                     value_losses.append(losses.value.item())
                     entropies.append(losses.entropy_mean)
-                if train_actor and algo.target_kl is not None and kls and np.mean(kls[-5:]) > algo.target_kl:
+                # KL early stop: skip the remaining epochs once this epoch moved the policy too far.
+                epoch_kls = kls[epoch_start:]
+                if train_actor and algo.target_kl is not None and epoch_kls and np.mean(epoch_kls) > algo.target_kl:
                     break
             if train_actor:  # the actor's schedule starts after critic warm-up
                 actor_scheduler.step()
@@ -291,6 +295,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
                 "train/value_loss": float(np.mean(value_losses)) if value_losses else math.nan,
                 "train/entropy": float(np.mean(entropies)) if entropies else math.nan,
                 "train/skipped_updates": skipped,
+                "train/epochs": epochs_run,
                 "train/actor_lr": actor_scheduler.get_last_lr()[0],
                 "time/sim": time_sim,
                 "time/inference": time_inference,
