@@ -210,13 +210,13 @@ def per_step_log_prob_and_entropy(
     return torch.stack(log_probs, 1), torch.stack(entropies, 1)
 
 
-def check_agreement(policy: FlowPolicy, obs: torch.Tensor, chain: torch.Tensor) -> float:
+def check_agreement(policy: FlowPolicy, obs: torch.Tensor, chain: torch.Tensor, stochastic: torch.Tensor) -> float:
     """Raise unless both implementations give the same log-probs, entropies and gradients; return the max error."""
     results = []
     for batched in (True, False):
         policy.zero_grad(set_to_none=True)
         if batched:
-            log_prob, entropy = policy.log_prob_and_entropy(obs, chain)
+            log_prob, entropy = policy.log_prob_and_entropy(obs, chain, stochastic)
         else:
             log_prob, entropy = per_step_log_prob_and_entropy(policy, obs, chain)
         log_prob.sum().backward()
@@ -250,12 +250,15 @@ def rescoring_benchmark(
     Returns per-repeat ms per call of (batched, per-step loop) and the max forward disagreement.
     """
     with torch.no_grad():
-        chain = policy.sample(obs).chain  # (B, K+1, H, A)
-    max_err = check_agreement(policy, obs, chain)
+        sample = policy.sample(obs)
+    # ReinFlow noise: every step is stochastic, so the per-step loop below covers the whole chain.
+    chain, stochastic = sample.chain, sample.stochastic  # (B, K+1, H, A), (B, K)
+    assert stochastic.all(), "the per-step reference assumes every step is stochastic"
+    max_err = check_agreement(policy, obs, chain, stochastic)
 
     def batched() -> None:
         policy.zero_grad(set_to_none=True)
-        log_prob, _ = policy.log_prob_and_entropy(obs, chain)
+        log_prob, _ = policy.log_prob_and_entropy(obs, chain, stochastic)
         log_prob.sum().backward()
 
     def per_step() -> None:

@@ -31,14 +31,16 @@ class ChainSample:
     Attributes:
         actions: ``(B, H, A)`` action chunk in env units (clipped to the normalised range first).
         chain: ``(B, K+1, H, A)`` the denoising chain ``x_0 .. x_K`` in normalised action units.
-        log_prob: ``(B, K, H, A)`` per-element transition log-probs (zeros when deterministic).
-        std: ``(B, K, H, A)`` transition stds (zeros when deterministic).
+        log_prob: ``(B, K, H, A)`` per-element transition log-probs (zero at deterministic steps).
+        std: ``(B, K, H, A)`` transition stds (zero at deterministic steps).
+        stochastic: ``(B, K)`` bool, which steps were sampled from a Gaussian; re-scoring needs it.
     """
 
     actions: torch.Tensor
     chain: torch.Tensor
     log_prob: torch.Tensor
     std: torch.Tensor
+    stochastic: torch.Tensor
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -51,15 +53,19 @@ def gaussian_entropy(std: torch.Tensor) -> torch.Tensor:
     return 0.5 + _HALF_LOG_2PI + std.log()
 
 
-def reduce_log_prob(log_prob: torch.Tensor, reduction: LogProbReduction) -> torch.Tensor:
-    """``(B, K, H, A) -> (B,)``: sum or mean over denoising steps, chunk steps and action dims.
+def reduce_log_prob(log_prob: torch.Tensor, stochastic: torch.Tensor, reduction: LogProbReduction) -> torch.Tensor:
+    """``(B, K, H, A) -> (B,)``: sum or mean over the stochastic steps, chunk steps and action dims.
 
-    ``sum`` is the exact chain log-likelihood; its ratios move fast, so it pairs with a small PPO
-    clip (~0.01-0.05). ``mean`` is the per-element average (ReinFlow's normalisation by K*H*A); the
-    ratio is then a geometric mean of per-element ratios and pairs with clip ~0.001-0.01.
+    ``sum`` is the exact chain log-likelihood; its ratio moves with every one of the S*H*A elements
+    (S stochastic steps), so it pairs with a small PPO clip. ``mean`` divides by S*H*A (ReinFlow's
+    normalisation): the ratio is the geometric mean of per-element ratios, and the clip range no
+    longer depends on K, H or A — our default pairs it with clip 0.01.
+    ``stochastic`` is the ``(B, K)`` mask of the chain (deterministic steps hold zeros).
     """
+    total = log_prob.flatten(1).sum(-1)
     if reduction == "sum":
-        return log_prob.flatten(1).sum(-1)
+        return total
     if reduction == "mean":
-        return log_prob.flatten(1).mean(-1)
+        elements = stochastic.sum(-1) * log_prob.shape[2] * log_prob.shape[3]
+        return total / elements.clamp_min(1)
     raise ValueError(f"log-prob reduction must be one of {LOG_PROB_REDUCTIONS}, got {reduction!r}.")

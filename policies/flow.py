@@ -1,4 +1,4 @@
-"""Rectified-flow policy with K Euler steps, made trainable by policy gradients with ReinFlow noise."""
+"""Rectified-flow policy with K Euler steps, made trainable by policy gradients through a noise scheme."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from policies.chain import ChainSample, gaussian_entropy, gaussian_log_prob
 from policies.mlp import SinusoidalEmbedding, mlp
-from policies.noise import ReinFlowNoise, ReinFlowNoiseConfig
+from policies.noise import SCHEMES, FlowNoiseConfig, StepInputs
 from policies.normalizer import Normalizer
 
 
@@ -23,19 +23,25 @@ class FlowPolicyConfig:
         denoising_steps: K, Euler steps from noise (t=0) to action (t=1).
         hidden_dims: widths of the velocity MLP.
         time_embed_dim: size of the sinusoidal embedding of t.
-        noise: the ReinFlow noise head used during RL fine-tuning.
+        noise: the noise scheme that makes the chain stochastic during RL fine-tuning.
     """
 
     horizon: int = 4
     denoising_steps: int = 4
     hidden_dims: list[int] = field(default_factory=lambda: [256, 256, 256])
     time_embed_dim: int = 16
-    noise: ReinFlowNoiseConfig = field(default_factory=ReinFlowNoiseConfig)
+    noise: FlowNoiseConfig = field(default_factory=FlowNoiseConfig)
 
     def __post_init__(self) -> None:
         for name in ("horizon", "denoising_steps", "time_embed_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"policy.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.noise.scheme == "flow_sde" and self.denoising_steps < 2:
+            # sigma_t = a sqrt((1-t)/t) is infinite at t=0; with one step it would be taken at t=1, where it is 0.
+            raise ValueError(
+                f"policy.noise.scheme='flow_sde' needs policy.denoising_steps >= 2, got {self.denoising_steps}; "
+                "use scheme 'reinflow' or 'flow_noise' for one-step flows."
+            )
         if not self.hidden_dims or min(self.hidden_dims) < 1:
             raise ValueError(f"policy.hidden_dims must be a non-empty list of positive ints, got {self.hidden_dims}.")
 
@@ -44,8 +50,8 @@ class FlowPolicy(nn.Module):
     """Flow-matching policy ``pi(a_{1:H} | o)`` over action chunks.
 
     The velocity net ``v_theta(x, t, o)`` is an MLP on ``[o_norm, emb(t), x.flatten()]``. Sampling runs
-    K Euler steps on the grid ``t_k = k / K``; with the ReinFlow noise each step becomes
-    ``x_{k+1} ~ N(x_k + v_theta(x_k, t_k, o) / K, sigma_phi(t_k, o)^2)``.
+    K Euler steps on the grid ``t_k = k / K``; the noise scheme (``policies.noise``) turns the steps
+    it makes stochastic into Gaussians ``x_{k+1} ~ N(mean_k, std_k^2)`` with an exact log-probability.
     Observations and actions cross the API in env units; the chain lives in normalised units.
     """
 
@@ -62,17 +68,25 @@ class FlowPolicy(nn.Module):
         self.normalizer = Normalizer(obs_dim, action_dim)
         self.time_embed = SinusoidalEmbedding(config.time_embed_dim)
         self.velocity_net = mlp(obs_dim + config.time_embed_dim + chunk_dim, config.hidden_dims, chunk_dim)
-        self.noise = ReinFlowNoise(obs_dim + config.time_embed_dim, config.horizon, action_dim, config.noise)
+        self.noise = self._build_scheme(config.noise)
 
-    def configure_noise(self, config: ReinFlowNoiseConfig) -> None:
-        """Switch the exploration-noise settings (fine-tuning choices, not part of the base model).
+    def _build_scheme(self, config: FlowNoiseConfig) -> nn.Module:
+        obs_time_dim = self.obs_dim + self.config.time_embed_dim
+        return SCHEMES[config.scheme](obs_time_dim, self.config.hidden_dims[-1], self.horizon, self.action_dim, config)
 
-        New std bounds keep a trained head's weights; a different head shape starts a fresh head.
+    def configure_noise(self, config: FlowNoiseConfig) -> None:
+        """Switch the noise scheme (a fine-tuning choice, not part of the base model).
+
+        The same scheme with the same head shape keeps a trained head's weights (new std bounds
+        apply); anything else starts a fresh scheme.
         """
-        if config.hidden_dims != self.config.noise.hidden_dims:
-            device = self.normalizer.obs_mean.device
-            self.noise = ReinFlowNoise(self.noise.net[0].in_features, self.horizon, self.action_dim, config).to(device)
-        self.noise.config = config
+        old = self.config.noise
+        if (config.scheme, config.hidden_dims) != (old.scheme, old.hidden_dims):
+            self.noise = self._build_scheme(config).to(self.normalizer.obs_mean.device)
+        else:
+            fresh = self._build_scheme(config)
+            fresh.load_state_dict(self.noise.state_dict())
+            self.noise = fresh.to(self.normalizer.obs_mean.device)
         self.config = dataclasses.replace(self.config, noise=config)
 
     # ---- the one place that defines the chain's time grid, means and stds ----
@@ -80,17 +94,31 @@ class FlowPolicy(nn.Module):
         """``(K,)`` start times ``t_k = k / K`` of the Euler steps."""
         return torch.arange(self.num_steps, device=self.normalizer.obs_mean.device) / self.num_steps
 
+    def velocity_and_features(
+        self, x: torch.Tensor, t: torch.Tensor, obs_norm: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x (N, H, A), t (N,), obs_norm (N, obs_dim)`` -> velocity ``(N, H, A)``, the velocity
+        net's last hidden features ``(N, F)`` and the ``[obs_norm, emb(t)]`` conditioning ``(N, obs_dim + E)``."""
+        obs_time = torch.cat([obs_norm, self.time_embed(t)], dim=-1)
+        features = self.velocity_net[:-1](torch.cat([obs_time, x.flatten(1)], dim=-1))
+        return self.velocity_net[-1](features).view_as(x), features, obs_time
+
     def velocity(self, x: torch.Tensor, t: torch.Tensor, obs_norm: torch.Tensor) -> torch.Tensor:
         """``v_theta``: ``x (N, H, A), t (N,), obs_norm (N, obs_dim) -> (N, H, A)``."""
-        inp = torch.cat([obs_norm, self.time_embed(t), x.flatten(1)], dim=-1)
-        return self.velocity_net(inp).view_as(x)
+        return self.velocity_and_features(x, t, obs_norm)[0]
+
+    def step_inputs(self, x: torch.Tensor, k: torch.Tensor, obs_norm: torch.Tensor) -> StepInputs:
+        """Everything a scheme needs for step ``k``: ``x (N, H, A), k (N,) long, obs_norm (N, obs_dim)``."""
+        t = self.time_grid()[k]
+        velocity, features, obs_time = self.velocity_and_features(x, t, obs_norm)
+        return StepInputs(x, t, 1.0 / self.num_steps, velocity, obs_time, features)
 
     def transition(self, x: torch.Tensor, k: torch.Tensor, obs_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and std of ``x_{k+1} | x_k``: ``x (N, H, A), k (N,) long -> ((N, H, A), (N, H, A))``."""
-        t = self.time_grid()[k]
-        mean = x + self.velocity(x, t, obs_norm) / self.num_steps
-        std = self.noise(torch.cat([obs_norm, self.time_embed(t)], dim=-1))
-        return mean, std
+        """Mean and std of a stochastic step ``x_{k+1} | x_k``.
+
+        ``x (N, H, A), k (N,) long, obs_norm (N, obs_dim) -> ((N, H, A), (N, H, A))``.
+        """
+        return self.noise.mean_std(self.step_inputs(x, k, obs_norm))
 
     # ---- chain interface ----
     def sample(
@@ -98,29 +126,34 @@ class FlowPolicy(nn.Module):
     ) -> ChainSample:
         """Sample an action chunk. ``obs (B, obs_dim)`` in env units.
 
-        Deterministic sampling is the plain Euler ODE (the noise head is not used), which is how
-        the policy is evaluated and deployed; it is deterministic given ``x_0``. ``generator`` draws
-        all noise (default: the global torch RNG); evaluation passes its own so that it never
-        shifts the training RNG stream.
+        Deterministic sampling is the plain Euler ODE (no step is stochastic), which is how the
+        policy is evaluated and deployed; it is deterministic given ``x_0``. ``generator`` draws all
+        noise (default: the global torch RNG); evaluation passes its own so that it never shifts the
+        training RNG stream.
         """
         obs_norm = self.normalizer.normalize_obs(obs)
-        batch = obs.shape[0]
-        x = torch.randn(batch, self.horizon, self.action_dim, device=obs.device, generator=generator)
-        chain = [x]
-        log_probs, stds = [], []
+        batch, device = obs.shape[0], obs.device
+        x = torch.randn(batch, self.horizon, self.action_dim, device=device, generator=generator)
+        if deterministic:
+            stochastic = torch.zeros(batch, self.num_steps, dtype=torch.bool, device=device)
+        else:
+            stochastic = self.noise.stochastic_mask(batch, self.num_steps, device, generator)  # (B, K)
+        chain, log_probs, stds = [x], [], []
         for k in range(self.num_steps):
-            step = torch.full((batch,), k, device=obs.device, dtype=torch.long)
-            if deterministic:
-                t = self.time_grid()[step]
-                x = x + self.velocity(x, t, obs_norm) / self.num_steps
-                log_probs.append(torch.zeros_like(x))
-                stds.append(torch.zeros_like(x))
-            else:
-                mean, std = self.transition(x, step, obs_norm)
-                x = mean + std * torch.randn(mean.shape, device=mean.device, generator=generator)
-                log_probs.append(gaussian_log_prob(x, mean, std))
-                stds.append(std)
+            inputs = self.step_inputs(x, torch.full((batch,), k, device=device, dtype=torch.long), obs_norm)
+            x_next = x + inputs.velocity * inputs.dt  # the ODE (Euler) step
+            noisy = stochastic[:, k]  # (B,)
+            log_prob, std = torch.zeros_like(x), torch.zeros_like(x)
+            if noisy.any():
+                mean, std_k = self.noise.mean_std(inputs.select(noisy))
+                x_noisy = mean + std_k * torch.randn(mean.shape, device=device, generator=generator)
+                x_next[noisy] = x_noisy
+                log_prob[noisy] = gaussian_log_prob(x_noisy, mean, std_k)
+                std[noisy] = std_k
+            x = x_next
             chain.append(x)
+            log_probs.append(log_prob)
+            stds.append(std)
         # The clip to [-1, 1] acts on the executed action only; the likelihood is of the unclipped
         # chain, which is exact if the clip is seen as part of the environment.
         actions = self.normalizer.unnormalize_action(x.clamp(-1.0, 1.0))
@@ -129,28 +162,33 @@ class FlowPolicy(nn.Module):
             chain=torch.stack(chain, 1),
             log_prob=torch.stack(log_probs, 1),
             std=torch.stack(stds, 1),
+            stochastic=stochastic,
         )
 
-    def log_prob_and_entropy(self, obs: torch.Tensor, chain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Re-score a stored chain in one batched forward over all K steps.
+    def log_prob_and_entropy(
+        self, obs: torch.Tensor, chain: torch.Tensor, stochastic: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re-score a stored chain in one batched forward over its stochastic steps.
 
         Args:
             obs: ``(B, obs_dim)`` env units.
             chain: ``(B, K+1, H, A)`` as returned by :meth:`sample`.
+            stochastic: ``(B, K)`` bool mask returned with the chain.
 
         Returns:
-            ``(log_prob, entropy)``, each ``(B, K, H, A)`` element-wise.
+            ``(log_prob, entropy)``, each ``(B, K, H, A)`` element-wise, zero at deterministic steps.
         """
         batch, k_plus_1 = chain.shape[:2]
         if k_plus_1 != self.num_steps + 1:
             raise ValueError(f"chain has {k_plus_1 - 1} steps, policy has K={self.num_steps}.")
-        obs_norm = self.normalizer.normalize_obs(obs).repeat_interleave(self.num_steps, 0)  # (B*K, obs_dim)
-        x_k = chain[:, :-1].reshape(batch * self.num_steps, self.horizon, self.action_dim)  # (B*K, H, A)
-        x_next = chain[:, 1:].reshape_as(x_k)
-        steps = torch.arange(self.num_steps, device=chain.device).repeat(batch)  # (B*K,)
-        mean, std = self.transition(x_k, steps, obs_norm)
-        shape = (batch, self.num_steps, self.horizon, self.action_dim)
-        return gaussian_log_prob(x_next, mean, std).view(shape), gaussian_entropy(std).view(shape)
+        rows, steps = stochastic.nonzero(as_tuple=True)  # (N,), (N,): the stochastic (chain, step) pairs
+        obs_norm = self.normalizer.normalize_obs(obs)[rows]  # (N, obs_dim)
+        mean, std = self.transition(chain[rows, steps], steps, obs_norm)  # (N, H, A) each
+        log_prob = torch.zeros(batch, self.num_steps, self.horizon, self.action_dim, device=chain.device)
+        entropy = torch.zeros_like(log_prob)
+        log_prob = log_prob.index_put((rows, steps), gaussian_log_prob(chain[rows, steps + 1], mean, std))
+        entropy = entropy.index_put((rows, steps), gaussian_entropy(std))
+        return log_prob, entropy
 
     def pretrain_loss(self, obs: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
         """Rectified-flow matching loss. ``obs (B, obs_dim)``, ``actions (B, H, A)`` env units."""

@@ -10,7 +10,7 @@ import torch
 
 from policies.checkpoint import save_policy
 from policies.flow import FlowPolicy, FlowPolicyConfig
-from policies.noise import ReinFlowNoiseConfig
+from policies.noise import FlowNoiseConfig
 
 # The networks in tests are tiny; on a 2-core machine shared with the simulator a second torch
 # thread made small-MLP forwards ~30x slower.
@@ -38,6 +38,8 @@ def make_flow_policy(
     denoising_steps: int = 2,
     seed: int = 0,
     random_noise_head: bool = False,
+    scheme: str = "reinflow",
+    sde_steps: str = "all",
 ) -> FlowPolicy:
     """A tiny FlowPolicy with a non-trivial normaliser (and optionally a non-constant noise head)."""
     gen = torch.Generator().manual_seed(seed)
@@ -48,7 +50,7 @@ def make_flow_policy(
             denoising_steps=denoising_steps,
             hidden_dims=[32, 32],
             time_embed_dim=8,
-            noise=ReinFlowNoiseConfig(sigma_min=0.05, sigma_max=0.15, hidden_dims=[16]),
+            noise=FlowNoiseConfig(scheme, sigma_min=0.05, sigma_max=0.15, hidden_dims=[16], sde_steps=sde_steps),
         )
         policy = FlowPolicy(obs_dim, action_dim, config)
     with torch.no_grad():
@@ -58,10 +60,11 @@ def make_flow_policy(
         low = -0.5 - torch.rand(action_dim, generator=gen)
         norm.action_min.copy_(low)
         norm.action_max.copy_(low + 0.5 + torch.rand(action_dim, generator=gen))
-        if random_noise_head:
+        if random_noise_head and hasattr(policy.noise, "std_head"):
             # The head starts at zero (constant std); make the std depend on the input.
-            policy.noise.net[-1].weight.copy_(torch.randn(policy.noise.net[-1].weight.shape, generator=gen))
-            policy.noise.net[-1].bias.copy_(torch.randn(policy.noise.net[-1].bias.shape, generator=gen))
+            last = policy.noise.std_head.net[-1]
+            last.weight.copy_(torch.randn(last.weight.shape, generator=gen))
+            last.bias.copy_(torch.randn(last.bias.shape, generator=gen))
     return policy
 
 

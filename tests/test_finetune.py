@@ -52,10 +52,15 @@ def _finetune(run_dir: Path, checkpoint: Path, tiny: list[str], *extra: str) -> 
 # ---- the importance ratio ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_first_minibatch_ratio_is_one_every_iteration(tmp_path, hopper_checkpoint, tiny_finetune, reduction):
+@pytest.mark.parametrize(
+    ("reduction", "scheme"),
+    [("sum", "reinflow"), ("mean", "reinflow"), ("mean", "flow_noise"), ("sum", "flow_sde"), ("mean", "flow_sde-one")],
+)
+def test_first_minibatch_ratio_is_one_every_iteration(tmp_path, hopper_checkpoint, tiny_finetune, reduction, scheme):
     run_dir = tmp_path / "run"
     extra = ["algo.iterations=3", "algo.critic_warmup_iterations=1", f"algo.log_prob_reduction={reduction}"]
+    extra += [f"policy.noise.scheme={scheme.removesuffix('-one')}", "policy.noise.hidden_dims=[16]"]
+    extra += ["policy.noise.sde_steps=one"] if scheme.endswith("-one") else []
     extra += ["algo.target_kl=null", "algo.actor_lr=1e-3"]
     assert _finetune(run_dir, hopper_checkpoint, tiny_finetune, *extra) == 0
     first, *rows = _all_rows(run_dir)

@@ -1,4 +1,4 @@
-"""FlowPolicy with ReinFlow noise: chain log-probs, sampling, pretraining loss and checkpoints."""
+"""FlowPolicy and its noise schemes: chain log-probs, sampling, pretraining loss and checkpoints."""
 
 from __future__ import annotations
 
@@ -13,10 +13,17 @@ from safetensors.torch import load_file, save_file
 from policies.chain import gaussian_entropy, gaussian_log_prob, reduce_log_prob
 from policies.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_policy, save_policy
 from policies.flow import FlowPolicy, FlowPolicyConfig
-from policies.noise import ReinFlowNoise, ReinFlowNoiseConfig
+from policies.noise import BoundedStdHead, FlowNoiseConfig
 
 OBS_DIM, ACTION_DIM, BATCH = 5, 2, 6
 SHAPES = [pytest.param(1, 1, id="H1-K1"), pytest.param(3, 1, id="H3-K1"), pytest.param(4, 3, id="H4-K3")]
+# Every flow noise scheme; flow_sde in both its modes (all steps, one random step per chain).
+SCHEMES = [
+    pytest.param("reinflow", "all", id="reinflow"),
+    pytest.param("flow_noise", "all", id="flow_noise"),
+    pytest.param("flow_sde", "all", id="flow_sde-all"),
+    pytest.param("flow_sde", "one", id="flow_sde-one"),
+]
 
 
 @pytest.fixture
@@ -34,43 +41,63 @@ def _obs(seed: int = 1, batch: int = BATCH) -> torch.Tensor:
 # ---- log-probs of a stored chain ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("scheme", "sde_steps"), SCHEMES)
 @pytest.mark.parametrize(("horizon", "steps"), SHAPES)
-def test_rescoring_a_sampled_chain_reproduces_its_log_prob(make_policy, horizon, steps):
-    policy = make_policy(horizon, steps)
+def test_rescoring_a_sampled_chain_reproduces_its_log_prob(make_policy, horizon, steps, scheme, sde_steps):
+    if scheme == "flow_sde" and steps == 1:
+        with pytest.raises(ValueError, match=r"flow_sde.*denoising_steps >= 2, got 1"):
+            make_policy(horizon, steps, scheme=scheme, sde_steps=sde_steps)
+        return
+    policy = make_policy(horizon, steps, scheme=scheme, sde_steps=sde_steps)
     obs = _obs()
     torch.manual_seed(0)
     with torch.no_grad():
         sample = policy.sample(obs)
-        new_log_prob, _ = policy.log_prob_and_entropy(obs, sample.chain)
+        new_log_prob, _ = policy.log_prob_and_entropy(obs, sample.chain, sample.stochastic)
     assert new_log_prob.shape == sample.log_prob.shape == (BATCH, steps, horizon, ACTION_DIM)
+    assert sample.stochastic.shape == (BATCH, steps)
+    expected_per_chain = 1 if sde_steps == "one" else steps
+    assert (sample.stochastic.sum(1) == expected_per_chain).all()
     assert (new_log_prob - sample.log_prob).abs().max().item() < 1e-5
     for reduction in ("sum", "mean"):
-        ratio = (reduce_log_prob(new_log_prob, reduction) - reduce_log_prob(sample.log_prob, reduction)).exp()
-        assert ratio.shape == (BATCH,)
-        torch.testing.assert_close(ratio, torch.ones(BATCH), atol=1e-5, rtol=0)
+        new = reduce_log_prob(new_log_prob, sample.stochastic, reduction)
+        old = reduce_log_prob(sample.log_prob, sample.stochastic, reduction)
+        assert new.shape == (BATCH,)
+        torch.testing.assert_close((new - old).exp(), torch.ones(BATCH), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(("scheme", "sde_steps"), SCHEMES)
 @pytest.mark.parametrize(("horizon", "steps"), SHAPES)
-def test_batched_rescoring_equals_a_loop_over_transitions(make_policy, horizon, steps):
-    policy = make_policy(horizon, steps)
+def test_batched_rescoring_equals_a_loop_over_transitions(make_policy, horizon, steps, scheme, sde_steps):
+    if scheme == "flow_sde" and steps == 1:
+        return  # refused at construction (see the test above)
+    policy = make_policy(horizon, steps, scheme=scheme, sde_steps=sde_steps)
     obs = _obs(2)
     torch.manual_seed(1)
     with torch.no_grad():
-        chain = policy.sample(obs).chain
-        log_prob, entropy = policy.log_prob_and_entropy(obs, chain)
+        sample = policy.sample(obs)
+        chain, stochastic = sample.chain, sample.stochastic
+        log_prob, entropy = policy.log_prob_and_entropy(obs, chain, stochastic)
         obs_norm = policy.normalizer.normalize_obs(obs)
         for k in range(steps):  # one forward per denoising step: the reference the batched path must match
             mean, std = policy.transition(chain[:, k], torch.full((BATCH,), k, dtype=torch.long), obs_norm)
             expected = torch.distributions.Normal(mean, std)
-            torch.testing.assert_close(log_prob[:, k], expected.log_prob(chain[:, k + 1]), atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(entropy[:, k], expected.entropy(), atol=1e-6, rtol=1e-6)
+            noisy = stochastic[:, k]
+            torch.testing.assert_close(
+                log_prob[noisy, k], expected.log_prob(chain[:, k + 1])[noisy], atol=1e-5, rtol=1e-5
+            )
+            torch.testing.assert_close(entropy[noisy, k], expected.entropy()[noisy], atol=1e-6, rtol=1e-6)
+            assert not log_prob[~noisy, k].any() and not entropy[~noisy, k].any()
+            # Deterministic steps of the chain follow the Euler ODE exactly.
+            euler = chain[:, k] + policy.velocity(chain[:, k], torch.full((BATCH,), k / steps), obs_norm) / steps
+            torch.testing.assert_close(chain[~noisy, k + 1], euler[~noisy], atol=1e-6, rtol=1e-6)
 
 
 def test_rescoring_rejects_a_chain_with_the_wrong_number_of_steps(make_policy):
     policy = make_policy(2, 3)
     chain = torch.zeros(BATCH, 3, 2, ACTION_DIM)  # 2 denoising steps, but the policy has K = 3
     with pytest.raises(ValueError, match=r"2 steps.*K=3"):
-        policy.log_prob_and_entropy(_obs(), chain)
+        policy.log_prob_and_entropy(_obs(), chain, torch.ones(BATCH, 2, dtype=torch.bool))
 
 
 def test_gaussian_formulas_match_torch_distributions():
@@ -84,10 +111,17 @@ def test_gaussian_formulas_match_torch_distributions():
 
 def test_reduce_log_prob_sum_mean_and_bad_name():
     log_prob = torch.arange(24.0).view(2, 3, 2, 2)
-    torch.testing.assert_close(reduce_log_prob(log_prob, "sum"), torch.tensor([66.0, 210.0]))
-    torch.testing.assert_close(reduce_log_prob(log_prob, "mean"), torch.tensor([5.5, 17.5]))
+    every_step = torch.ones(2, 3, dtype=torch.bool)
+    torch.testing.assert_close(reduce_log_prob(log_prob, every_step, "sum"), torch.tensor([66.0, 210.0]))
+    torch.testing.assert_close(reduce_log_prob(log_prob, every_step, "mean"), torch.tensor([5.5, 17.5]))
+    # With one stochastic step per chain, "mean" averages over that step's H*A elements only.
+    one_step = torch.tensor([[False, True, False], [True, False, False]])
+    masked = log_prob * one_step[:, :, None, None]
+    torch.testing.assert_close(
+        reduce_log_prob(masked, one_step, "mean"), torch.tensor([(4 + 5 + 6 + 7) / 4, (12 + 13 + 14 + 15) / 4])
+    )
     with pytest.raises(ValueError, match=r"sum.*mean.*'max'"):
-        reduce_log_prob(log_prob, "max")
+        reduce_log_prob(log_prob, every_step, "max")
 
 
 # ---- noise and sampling -----------------------------------------------------------------------------------
@@ -96,7 +130,7 @@ def test_reduce_log_prob_sum_mean_and_bad_name():
 @pytest.mark.parametrize(("sigma_min", "sigma_max"), [(0.05, 0.15), (0.01, 1.0), (0.2, 0.2)])
 def test_noise_std_stays_in_its_range_even_for_extreme_inputs(sigma_min, sigma_max):
     torch.manual_seed(0)
-    head = ReinFlowNoise(4, 2, 3, ReinFlowNoiseConfig(sigma_min, sigma_max, [8]))
+    head = BoundedStdHead(4, 2, 3, FlowNoiseConfig(sigma_min=sigma_min, sigma_max=sigma_max, hidden_dims=[8]))
     torch.nn.init.normal_(head.net[-1].weight, std=10.0)  # saturate the squash both ways
     cond = torch.cat([torch.randn(200, 4), torch.randn(200, 4) * 1e6, torch.full((1, 4), -1e30)])
     std = head(cond)
@@ -110,15 +144,19 @@ def test_noise_std_stays_in_its_range_even_for_extreme_inputs(sigma_min, sigma_m
 
 
 def test_fresh_noise_head_starts_at_the_middle_of_its_range():
-    head = ReinFlowNoise(4, 2, 3, ReinFlowNoiseConfig(0.05, 0.15, [8]))
+    head = BoundedStdHead(4, 2, 3, FlowNoiseConfig(sigma_min=0.05, sigma_max=0.15, hidden_dims=[8]))
     torch.testing.assert_close(head(torch.randn(5, 4) * 100), torch.full((5, 2, 3), 0.1))
 
 
 def test_noise_config_rejects_bad_bounds():
     with pytest.raises(ValueError, match=r"sigma_min=0\.2, sigma_max=0\.1"):
-        ReinFlowNoiseConfig(sigma_min=0.2, sigma_max=0.1)
+        FlowNoiseConfig(sigma_min=0.2, sigma_max=0.1)
     with pytest.raises(ValueError, match=r"sigma_min=0\.0"):
-        ReinFlowNoiseConfig(sigma_min=0.0, sigma_max=0.1)
+        FlowNoiseConfig(sigma_min=0.0, sigma_max=0.1)
+    with pytest.raises(ValueError, match=r"scheme='ddpm'.*reinflow"):
+        FlowNoiseConfig(scheme="ddpm")
+    with pytest.raises(ValueError, match=r"sde_steps='two'"):
+        FlowNoiseConfig(sde_steps="two")
 
 
 @pytest.mark.parametrize(("horizon", "steps"), SHAPES)
@@ -252,8 +290,8 @@ def test_checkpoint_without_noise_head_loads_with_a_fresh_head(make_policy, tmp_
     loaded, _ = load_policy(path)
     _assert_same_state(policy, loaded, skip_prefix="noise.")
     # The noise head is re-initialised: zero last layer, i.e. the middle of [sigma_min, sigma_max].
-    assert torch.equal(loaded.noise.net[-1].weight, torch.zeros_like(loaded.noise.net[-1].weight))
-    assert not torch.equal(loaded.noise.net[-1].weight, policy.noise.net[-1].weight)
+    assert torch.equal(loaded.noise.std_head.net[-1].weight, torch.zeros_like(loaded.noise.std_head.net[-1].weight))
+    assert not torch.equal(loaded.noise.std_head.net[-1].weight, policy.noise.std_head.net[-1].weight)
     with torch.no_grad():
         std = loaded.sample(_obs()).std
     torch.testing.assert_close(std, torch.full_like(std, 0.1))

@@ -50,6 +50,7 @@ def ppo_losses(
     critic: ValueCritic,
     obs: torch.Tensor,
     chains: torch.Tensor,
+    stochastic: torch.Tensor,
     old_log_probs: torch.Tensor,
     advantages: torch.Tensor,
     returns: torch.Tensor,
@@ -58,18 +59,21 @@ def ppo_losses(
     """Clipped PPO objective on one minibatch.
 
     Args:
-        obs: ``(M, obs_dim)``; chains: ``(M, K+1, H, A)``; old_log_probs, advantages, returns: ``(M,)``.
+        obs: ``(M, obs_dim)``; chains: ``(M, K+1, H, A)``; stochastic: ``(M, K)`` bool;
+        old_log_probs, advantages, returns: ``(M,)``.
     """
     if old_log_probs.requires_grad:
         raise RuntimeError("old_log_probs require grad: they must be stored detached at rollout time.")
     algo = cfg.algo
-    log_prob_elements, entropy_elements = policy.log_prob_and_entropy(obs, chains)  # (M, K, H, A) each
-    log_ratio = reduce_log_prob(log_prob_elements, algo.log_prob_reduction) - old_log_probs
+    log_prob_elements, entropy_elements = policy.log_prob_and_entropy(obs, chains, stochastic)  # (M, K, H, A) each
+    log_ratio = reduce_log_prob(log_prob_elements, stochastic, algo.log_prob_reduction) - old_log_probs
     ratio = log_ratio.exp()
     if algo.norm_adv and advantages.numel() > 1:
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
     pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - algo.clip_coef, 1 + algo.clip_coef)).mean()
     value_loss = 0.5 * (critic(policy.normalizer.normalize_obs(obs)) - returns).pow(2).mean()
+    # Mean entropy of the stochastic transitions (deterministic steps hold zeros).
+    entropy_mean = entropy_elements.sum() / (stochastic.sum() * entropy_elements.shape[2] * entropy_elements.shape[3])
     with torch.no_grad():
         # Schulman's low-variance estimator of KL(old || new).
         approx_kl = ((ratio - 1) - log_ratio).mean().item()
@@ -77,11 +81,11 @@ def ppo_losses(
     return PPOLosses(
         policy=pg_loss,
         value=algo.vf_coef * value_loss,
-        entropy=-algo.ent_coef * entropy_elements.mean(),
+        entropy=-algo.ent_coef * entropy_mean,
         approx_kl=approx_kl,
         clip_fraction=clip_fraction,
         ratio_mean=ratio.mean().item(),
-        entropy_mean=entropy_elements.mean().item(),
+        entropy_mean=entropy_mean.item(),
     )
 
 
@@ -150,6 +154,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
     horizon, num_denoise, action_dim = policy.horizon, policy.num_steps, policy.action_dim
     obs_buf = torch.zeros(num_steps, num_envs, obs_dim)
     chain_buf = torch.zeros(num_steps, num_envs, num_denoise + 1, horizon, action_dim)
+    stochastic_buf = torch.zeros(num_steps, num_envs, num_denoise, dtype=torch.bool)
     log_prob_buf = torch.zeros(num_steps, num_envs)
     reward_buf = torch.zeros(num_steps, num_envs)
     value_buf = torch.zeros(num_steps, num_envs)
@@ -190,7 +195,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
                 with torch.no_grad():
                     sample = policy.sample(obs.to(device))
                 value = values_of(obs_np)
-                std_sum += sample.std.mean().item()
+                std_sum += (sample.std.sum() / (sample.stochastic.sum() * horizon * action_dim)).item()
                 time_inference += time.perf_counter() - tic
 
                 tic = time.perf_counter()
@@ -207,7 +212,8 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
 
                 obs_buf[t] = obs
                 chain_buf[t] = sample.chain.cpu()
-                log_prob_buf[t] = reduce_log_prob(sample.log_prob, algo.log_prob_reduction).cpu()
+                stochastic_buf[t] = sample.stochastic.cpu()
+                log_prob_buf[t] = reduce_log_prob(sample.log_prob, sample.stochastic, algo.log_prob_reduction).cpu()
                 value_buf[t] = value
                 scaled = reward_scaler(reward, ended) if algo.reward_scaling else reward
                 reward_buf[t] = torch.as_tensor(scaled, dtype=torch.float32)
@@ -228,6 +234,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
             policy.train()
             b_obs = obs_buf.reshape(-1, obs_dim).to(device)
             b_chains = chain_buf.reshape(-1, num_denoise + 1, horizon, action_dim).to(device)
+            b_stochastic = stochastic_buf.reshape(-1, num_denoise).to(device)
             b_log_probs = log_prob_buf.reshape(-1).to(device)
             b_advantages = advantages.reshape(-1).to(device)
             b_returns = returns.reshape(-1).to(device)
@@ -248,6 +255,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
                         critic,
                         b_obs[mb],
                         b_chains[mb],
+                        b_stochastic[mb],
                         b_log_probs[mb],
                         b_advantages[mb],
                         b_returns[mb],
