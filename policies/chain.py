@@ -53,6 +53,26 @@ def gaussian_entropy(std: torch.Tensor) -> torch.Tensor:
     return 0.5 + _HALF_LOG_2PI + std.log()
 
 
+def step_log_prob(log_prob: torch.Tensor, reduction: LogProbReduction) -> torch.Tensor:
+    """``(B, K, H, A) -> (B, K)``: each transition's log-prob, summed or averaged over its H*A elements."""
+    if reduction == "sum":
+        return log_prob.sum((2, 3))
+    if reduction == "mean":
+        return log_prob.mean((2, 3))
+    raise ValueError(f"log-prob reduction must be one of {LOG_PROB_REDUCTIONS}, got {reduction!r}.")
+
+
+def chain_log_prob(step_log_probs: torch.Tensor, stochastic: torch.Tensor, reduction: LogProbReduction) -> torch.Tensor:
+    """``(B, K) -> (B,)``: the chain's log-prob from :func:`step_log_prob` values, summed over the
+    stochastic steps or averaged over them (``stochastic`` is the chain's ``(B, K)`` mask)."""
+    total = (step_log_probs * stochastic).sum(-1)
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / stochastic.sum(-1).clamp_min(1)
+    raise ValueError(f"log-prob reduction must be one of {LOG_PROB_REDUCTIONS}, got {reduction!r}.")
+
+
 def reduce_log_prob(log_prob: torch.Tensor, stochastic: torch.Tensor, reduction: LogProbReduction) -> torch.Tensor:
     """``(B, K, H, A) -> (B,)``: sum or mean over the stochastic steps, chunk steps and action dims.
 
@@ -62,10 +82,4 @@ def reduce_log_prob(log_prob: torch.Tensor, stochastic: torch.Tensor, reduction:
     longer depends on K, H or A — our default pairs it with clip 0.01.
     ``stochastic`` is the ``(B, K)`` mask of the chain (deterministic steps hold zeros).
     """
-    total = log_prob.flatten(1).sum(-1)
-    if reduction == "sum":
-        return total
-    if reduction == "mean":
-        elements = stochastic.sum(-1) * log_prob.shape[2] * log_prob.shape[3]
-        return total / elements.clamp_min(1)
-    raise ValueError(f"log-prob reduction must be one of {LOG_PROB_REDUCTIONS}, got {reduction!r}.")
+    return chain_log_prob(step_log_prob(log_prob, reduction), stochastic, reduction)

@@ -8,14 +8,18 @@ Hydra composes these dataclasses with the YAML presets under ``configs/`` (group
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from envs import ENV_IDS
 from policies.chain import LOG_PROB_REDUCTIONS
 from policies.critic import CriticConfig
 from policies.flow import FlowPolicyConfig
 from policies.registry import POLICIES
+
+RATIO_UNITS: tuple[str, ...] = ("chain", "transition")
 
 
 def _check_positive(section: str, obj: object, *names: str) -> None:
@@ -84,6 +88,15 @@ class PPOConfig:
         clip_coef: PPO clip on the chain ratio; pairs with ``log_prob_reduction`` (see
             ``policies.chain.reduce_log_prob``).
         log_prob_reduction: ``sum`` (exact chain likelihood) or ``mean`` (per element).
+        ratio_unit: ``chain`` — one ratio per whole chain (ReinFlow, Flow-Noise; with flow_sde
+            ``one`` the chain's single stochastic step) — or ``transition`` — one ratio per stochastic
+            denoising transition (DPPO), each reduced over its H*A elements, with the per-step clip
+            schedule and the denoising discount below.
+        denoising_discount: (``transition``) the advantage of step k is scaled by
+            ``denoising_discount ** (K - 1 - k)``, crediting the last denoising steps most (DPPO: 0.99).
+        clip_coef_first: (``transition``) clip at the earliest stochastic step; the clip rises
+            exponentially (``clip_schedule_rate``) to ``clip_coef`` at the last step. Null: ``clip_coef``
+            at every step.
         ent_coef: bonus on the entropy of the learned noise.
         vf_coef: weight of the value loss.
         target_kl: stop the epoch loop when the approximate KL exceeds it (null: never).
@@ -107,6 +120,10 @@ class PPOConfig:
     lr_schedule: str = "constant"
     clip_coef: float = 0.01
     log_prob_reduction: str = "mean"
+    ratio_unit: str = "chain"
+    denoising_discount: float = 1.0
+    clip_coef_first: float | None = None
+    clip_schedule_rate: float = 3.0
     ent_coef: float = 0.0
     vf_coef: float = 0.5
     target_kl: float | None = 0.01
@@ -126,6 +143,11 @@ class PPOConfig:
         )  # fmt: skip
         _check_choice("algo.log_prob_reduction", self.log_prob_reduction, LOG_PROB_REDUCTIONS)
         _check_choice("algo.lr_schedule", self.lr_schedule, ["constant", "linear"])
+        _check_choice("algo.ratio_unit", self.ratio_unit, RATIO_UNITS)
+        if not 0.0 < self.denoising_discount <= 1.0:
+            raise ValueError(f"algo.denoising_discount must be in (0, 1], got {self.denoising_discount}.")
+        if self.clip_coef_first is not None and self.clip_coef_first <= 0:
+            raise ValueError(f"algo.clip_coef_first must be > 0 or null, got {self.clip_coef_first}.")
         for name in ("gamma", "gae_lambda"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"algo.{name} must be in [0, 1], got {getattr(self, name)}.")
@@ -221,7 +243,7 @@ class Config:
 
     env: EnvConfig = field(default_factory=EnvConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    algo: PPOConfig = field(default_factory=PPOConfig)
+    algo: Any = MISSING  # the `algo` group fills it with PPOConfig or GRPOConfig
     collect: CollectConfig = field(default_factory=CollectConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -240,6 +262,19 @@ class Config:
                 f"env.act_steps={self.env.act_steps} exceeds policy.horizon={self.policy.horizon}: "
                 "a chunk cannot execute more actions than it predicts."
             )
+
+
+# Algorithm name -> its config schema (the `algo` group picks one).
+ALGO_CONFIGS: dict[str, type] = {"ppo": PPOConfig}
+
+
+def config_schema(algo: str = "ppo") -> DictConfig:
+    """The structured config with the ``algo`` node typed for algorithm ``algo``."""
+    if algo not in ALGO_CONFIGS:
+        raise ValueError(f"Unknown algo {algo!r} (algo={algo}). Allowed: {sorted(ALGO_CONFIGS)}.")
+    schema = OmegaConf.structured(Config)
+    schema.algo = OmegaConf.structured(ALGO_CONFIGS[algo])
+    return schema
 
 
 def register_configs() -> None:

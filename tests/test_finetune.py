@@ -54,13 +54,24 @@ def _finetune(run_dir: Path, checkpoint: Path, tiny: list[str], *extra: str) -> 
 
 @pytest.mark.parametrize(
     ("reduction", "scheme"),
-    [("sum", "reinflow"), ("mean", "reinflow"), ("mean", "flow_noise"), ("sum", "flow_sde"), ("mean", "flow_sde-one")],
+    [
+        ("sum", "reinflow"),
+        ("mean", "reinflow"),
+        ("mean", "flow_noise"),
+        ("sum", "flow_sde"),
+        ("mean", "flow_sde-one"),
+        ("sum", "reinflow-transition"),
+        ("mean", "flow_sde-transition"),
+    ],
 )
 def test_first_minibatch_ratio_is_one_every_iteration(tmp_path, hopper_checkpoint, tiny_finetune, reduction, scheme):
     run_dir = tmp_path / "run"
     extra = ["algo.iterations=3", "algo.critic_warmup_iterations=1", f"algo.log_prob_reduction={reduction}"]
-    extra += [f"policy.noise.scheme={scheme.removesuffix('-one')}", "policy.noise.hidden_dims=[16]"]
-    extra += ["policy.noise.sde_steps=one"] if scheme.endswith("-one") else []
+    name, _, variant = scheme.partition("-")
+    extra += [f"policy.noise.scheme={name}", "policy.noise.hidden_dims=[16]"]
+    extra += ["policy.noise.sde_steps=one"] if variant == "one" else []
+    if variant == "transition":  # DPPO's per-transition ratio with its clip schedule and denoising discount
+        extra += ["algo.ratio_unit=transition", "algo.clip_coef_first=0.001", "algo.denoising_discount=0.9"]
     extra += ["algo.target_kl=null", "algo.actor_lr=1e-3"]
     assert _finetune(run_dir, hopper_checkpoint, tiny_finetune, *extra) == 0
     first, *rows = _all_rows(run_dir)

@@ -80,3 +80,17 @@ def test_configure_noise_keeps_the_head_for_new_bounds_and_resets_it_for_a_new_s
     assert torch.equal(policy.noise.std_head.net[-1].weight, torch.zeros_like(trained)), "a fresh head"
     with pytest.raises(ValueError, match="denoising_steps >= 2"):
         flow_policy_factory(5, 2, denoising_steps=1).configure_noise(FlowNoiseConfig(scheme="flow_sde"))
+
+
+def test_transition_clip_schedule_rises_to_the_last_step_and_survives_one_step():
+    from robo_rlft.algos.ppo import transition_clip_schedule
+
+    last_four = torch.tensor([[False, False, True, True, True, True]])  # DDPM-style: last K' = 4 of K = 6
+    clips = transition_clip_schedule(last_four, clip_last=0.01, clip_first=0.001, rate=3.0)
+    assert clips.shape == (6,)
+    torch.testing.assert_close(clips[2 : 4 + 2][[0, -1]], torch.tensor([0.001, 0.01]))
+    assert (clips[2:].diff() > 0).all(), "the clip rises toward the final denoising step"
+    one_step = torch.tensor([[False, False, True]])  # a single fine-tuned step: DPPO divided by zero here
+    torch.testing.assert_close(transition_clip_schedule(one_step, 0.01, 0.001, 3.0)[2], torch.tensor(0.01))
+    assert torch.isfinite(transition_clip_schedule(one_step, 0.01, 0.001, 3.0)).all()
+    torch.testing.assert_close(transition_clip_schedule(last_four, 0.02, None, 3.0), torch.full((6,), 0.02))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from envs import make_vector_env, step_info_value
-from policies.chain import reduce_log_prob
+from policies.chain import chain_log_prob, step_log_prob
 from policies.checkpoint import save_policy
 from policies.critic import ValueCritic
 from robo_rlft.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
@@ -60,24 +60,39 @@ def ppo_losses(
 
     Args:
         obs: ``(M, obs_dim)``; chains: ``(M, K+1, H, A)``; stochastic: ``(M, K)`` bool;
-        old_log_probs, advantages, returns: ``(M,)``.
+        old_log_probs: ``(M, K)`` per-transition log-probs at rollout (:func:`step_log_prob`);
+        advantages, returns: ``(M,)``.
     """
     if old_log_probs.requires_grad:
         raise RuntimeError("old_log_probs require grad: they must be stored detached at rollout time.")
     algo = cfg.algo
     log_prob_elements, entropy_elements = policy.log_prob_and_entropy(obs, chains, stochastic)  # (M, K, H, A) each
-    log_ratio = reduce_log_prob(log_prob_elements, stochastic, algo.log_prob_reduction) - old_log_probs
-    ratio = log_ratio.exp()
+    new_log_probs = step_log_prob(log_prob_elements, algo.log_prob_reduction)  # (M, K)
     if algo.norm_adv and advantages.numel() > 1:
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - algo.clip_coef, 1 + algo.clip_coef)).mean()
+    if algo.ratio_unit == "chain":
+        reduction = algo.log_prob_reduction
+        log_ratio = chain_log_prob(new_log_probs, stochastic, reduction) - chain_log_prob(
+            old_log_probs, stochastic, reduction
+        )  # (M,)
+        clip = torch.full_like(log_ratio, algo.clip_coef)
+    else:  # DPPO: every stochastic transition is its own PPO sample
+        rows, steps = stochastic.nonzero(as_tuple=True)  # (S,) each
+        log_ratio = new_log_probs[rows, steps] - old_log_probs[rows, steps]  # (S,)
+        last_step = stochastic.shape[1] - 1
+        advantages = advantages[rows] * algo.denoising_discount ** (last_step - steps)
+        clip = transition_clip_schedule(stochastic, algo.clip_coef, algo.clip_coef_first, algo.clip_schedule_rate)[
+            steps
+        ]
+    ratio = log_ratio.exp()
+    pg_loss = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
     value_loss = 0.5 * (critic(policy.normalizer.normalize_obs(obs)) - returns).pow(2).mean()
     # Mean entropy of the stochastic transitions (deterministic steps hold zeros).
     entropy_mean = entropy_elements.sum() / (stochastic.sum() * entropy_elements.shape[2] * entropy_elements.shape[3])
     with torch.no_grad():
         # Schulman's low-variance estimator of KL(old || new).
         approx_kl = ((ratio - 1) - log_ratio).mean().item()
-        clip_fraction = ((ratio - 1).abs() > algo.clip_coef).float().mean().item()
+        clip_fraction = ((ratio - 1).abs() > clip).float().mean().item()
     return PPOLosses(
         policy=pg_loss,
         value=algo.vf_coef * value_loss,
@@ -87,6 +102,28 @@ def ppo_losses(
         ratio_mean=ratio.mean().item(),
         entropy_mean=entropy_mean.item(),
     )
+
+
+def transition_clip_schedule(
+    stochastic: torch.Tensor, clip_last: float, clip_first: float | None, rate: float
+) -> torch.Tensor:
+    """``(K,)`` PPO clip per denoising step for per-transition ratios (DPPO).
+
+    Over the n steps that can be stochastic (the last n of K), the clip rises exponentially from
+    ``clip_first`` at the earliest to ``clip_last`` at the final step. With a single such step the
+    schedule is just ``clip_last`` (DPPO computed ``k / (n - 1)`` there and got NaN).
+    """
+    num_steps = stochastic.shape[1]
+    clips = torch.full((num_steps,), clip_last, device=stochastic.device)
+    if clip_first is None:
+        return clips
+    first = int(stochastic.any(0).nonzero()[0]) if stochastic.any() else num_steps - 1
+    n = num_steps - first
+    if n > 1:
+        progress = torch.arange(n, device=stochastic.device) / (n - 1)  # 0 at the earliest, 1 at the last
+        growth = (torch.exp(rate * progress) - 1) / math.expm1(rate) if rate != 0 else progress
+        clips[first:] = clip_first + (clip_last - clip_first) * growth
+    return clips
 
 
 def eval_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -155,7 +192,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
     obs_buf = torch.zeros(num_steps, num_envs, obs_dim)
     chain_buf = torch.zeros(num_steps, num_envs, num_denoise + 1, horizon, action_dim)
     stochastic_buf = torch.zeros(num_steps, num_envs, num_denoise, dtype=torch.bool)
-    log_prob_buf = torch.zeros(num_steps, num_envs)
+    log_prob_buf = torch.zeros(num_steps, num_envs, num_denoise)
     reward_buf = torch.zeros(num_steps, num_envs)
     value_buf = torch.zeros(num_steps, num_envs)
     next_value_buf = torch.zeros(num_steps, num_envs)
@@ -213,7 +250,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
                 obs_buf[t] = obs
                 chain_buf[t] = sample.chain.cpu()
                 stochastic_buf[t] = sample.stochastic.cpu()
-                log_prob_buf[t] = reduce_log_prob(sample.log_prob, sample.stochastic, algo.log_prob_reduction).cpu()
+                log_prob_buf[t] = step_log_prob(sample.log_prob, algo.log_prob_reduction).cpu()
                 value_buf[t] = value
                 scaled = reward_scaler(reward, ended) if algo.reward_scaling else reward
                 reward_buf[t] = torch.as_tensor(scaled, dtype=torch.float32)
@@ -235,7 +272,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
             b_obs = obs_buf.reshape(-1, obs_dim).to(device)
             b_chains = chain_buf.reshape(-1, num_denoise + 1, horizon, action_dim).to(device)
             b_stochastic = stochastic_buf.reshape(-1, num_denoise).to(device)
-            b_log_probs = log_prob_buf.reshape(-1).to(device)
+            b_log_probs = log_prob_buf.reshape(-1, num_denoise).to(device)
             b_advantages = advantages.reshape(-1).to(device)
             b_returns = returns.reshape(-1).to(device)
             batch_size = b_obs.shape[0]
