@@ -5,7 +5,7 @@ Layout inside a run directory::
     checkpoints/
       iter_000010/
         policy/             a full policy checkpoint (policies.checkpoint format, with noise head)
-        critic.safetensors
+        critic.safetensors  the value network (PPO only: critic-free algorithms such as GRPO have none)
         optim.pt            optimizer and LR-scheduler states, torch RNG state (tensors only)
         state.json          iteration, env_steps, reward scaler, best eval return, ...
       latest                name of the newest complete checkpoint
@@ -42,21 +42,27 @@ def save_training_checkpoint(
     run_dir: Path,
     iteration: int,
     policy: torch.nn.Module,
-    critic: torch.nn.Module,
+    critic: torch.nn.Module | None,
     optim_state: dict[str, Any],
     state: dict[str, Any],
     policy_metadata: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint ``iter_<iteration>``, point ``latest`` at it, keep the newest ``keep``."""
+    """Write checkpoint ``iter_<iteration>``, point ``latest`` at it, keep the newest ``keep``.
+
+    ``critic`` is None for critic-free algorithms (GRPO); the checkpoint then has no ``critic.safetensors``.
+    """
     _assert_finite(policy, "policy")
-    _assert_finite(critic, "critic")
+    if critic is not None:
+        _assert_finite(critic, "critic")
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"iter_{iteration:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     save_policy(policy, tmp / "policy", metadata=policy_metadata)
-    save_file({k: v.detach().cpu().contiguous() for k, v in critic.state_dict().items()}, tmp / "critic.safetensors")
+    if critic is not None:
+        state_dict = {k: v.detach().cpu().contiguous() for k, v in critic.state_dict().items()}
+        save_file(state_dict, tmp / "critic.safetensors")
     torch.save({**optim_state, "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps({"iteration": iteration, **state}, indent=2))
     apply_umask(tmp)
@@ -89,15 +95,17 @@ def load_training_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_training_checkpoint`.
 
     Returns ``{"policy", "critic_state", "optim", "state"}``; the policy is rebuilt from its own
-    directory, the critic's state dict is for the caller's critic, and ``optim["torch_rng"]`` is the
-    RNG state to restore with ``torch.set_rng_state`` right before training continues (building
-    modules after restoring it would consume random numbers the uninterrupted run did not).
+    directory, the critic's state dict is for the caller's critic (None when the run has no critic,
+    e.g. GRPO), and ``optim["torch_rng"]`` is the RNG state to restore with ``torch.set_rng_state``
+    right before training continues (building modules after restoring it would consume random
+    numbers the uninterrupted run did not).
     """
     policy, _ = load_policy(path / "policy")
     optim = torch.load(path / "optim.pt", weights_only=True)
+    critic_file = path / "critic.safetensors"
     return {
         "policy": policy,
-        "critic_state": load_file(path / "critic.safetensors"),
+        "critic_state": load_file(critic_file) if critic_file.is_file() else None,
         "optim": optim,
         "state": json.loads((path / "state.json").read_text()),
     }

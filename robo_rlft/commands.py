@@ -175,6 +175,7 @@ def pretrain(cfg: Config, overrides: list[str]) -> None:
 
 def finetune(cfg: Config, overrides: list[str]) -> None:
     """Online RL fine-tuning (``algo``) of ``policy.pretrained``; ``resume=RUN_DIR`` continues a run."""
+    from robo_rlft.algos.grpo import train_grpo
     from robo_rlft.algos.ppo import train_ppo
     from robo_rlft.cli import config_from_saved
 
@@ -207,7 +208,8 @@ def finetune(cfg: Config, overrides: list[str]) -> None:
         policy, _ = load_policy(resolve_checkpoint(pretrained), cfg.policy.name, obs_dim, action_dim)
         cfg = _with_checkpoint_architecture(cfg, policy)
         run_dir = _setup(cfg, "finetune")
-    result = train_ppo(cfg, run_dir, policy, resume=policy is None)
+    train = {"ppo": train_ppo, "grpo": train_grpo}[cfg.algo.name]
+    result = train(cfg, run_dir, policy, resume=policy is None)
     _write_eval(run_dir, result)
 
 

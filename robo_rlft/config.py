@@ -158,6 +158,58 @@ class PPOConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """GRPO over denoising chains: critic-free, group-normalised returns (DESIGN.md §6).
+
+    Attributes:
+        iterations: rollout + update cycles.
+        group_size: G rollouts that share one initial state; ``env.num_envs`` must be a multiple of it.
+        max_chunk_steps: chunk steps after which a rollout stops (it is then scored as it stands).
+        update_epochs, minibatch_size, actor_lr, max_grad_norm: optimisation of the policy.
+        clip_low, clip_high: asymmetric clip of the chain ratio to ``[1 - clip_low, 1 + clip_high]``
+            (DAPO's "clip-higher"); they pair with ``log_prob_reduction`` like PPO's ``clip_coef``.
+        log_prob_reduction: ``sum`` or ``mean`` (see ``policies.chain.reduce_log_prob``).
+        dynamic_sampling: drop groups whose rollouts all succeed or all fail (or, in envs without a
+            success signal, all have the same return): they carry no learning signal.
+        target_kl: stop the epoch loop when the approximate KL exceeds it (null: never).
+        eval_every, eval_episodes, checkpoint_every: as for PPO.
+    """
+
+    name: str = "grpo"
+    iterations: int = 40
+    group_size: int = 8
+    max_chunk_steps: int = 250
+    update_epochs: int = 4
+    minibatch_size: int = 1000
+    actor_lr: float = 3e-4
+    max_grad_norm: float = 1.0
+    clip_low: float = 0.01
+    clip_high: float = 0.014
+    log_prob_reduction: str = "mean"
+    dynamic_sampling: bool = True
+    target_kl: float | None = 0.01
+    eval_every: int = 10
+    eval_episodes: int = 20
+    checkpoint_every: int = 5
+
+    def __post_init__(self) -> None:
+        _check_choice("algo.name", self.name, ["grpo"])
+        _check_positive(
+            "algo", self, "iterations", "group_size", "max_chunk_steps", "update_epochs", "minibatch_size",
+            "actor_lr", "max_grad_norm", "clip_low", "clip_high", "checkpoint_every", "eval_episodes",
+        )  # fmt: skip
+        if self.group_size < 2:
+            raise ValueError(
+                f"algo.group_size must be >= 2 (advantages are relative to the group), got {self.group_size}."
+            )
+        _check_choice("algo.log_prob_reduction", self.log_prob_reduction, LOG_PROB_REDUCTIONS)
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ValueError(f"algo.target_kl must be > 0 or null, got {self.target_kl}.")
+        if self.eval_every < 0:
+            raise ValueError(f"algo.eval_every must be >= 0, got {self.eval_every}.")
+
+
+@dataclass
 class CollectConfig:
     """``robo-rlft collect``: train (or load) an SB3 expert and roll it out into a dataset.
 
@@ -257,6 +309,11 @@ class Config:
     def __post_init__(self) -> None:
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device={self.device!r} is not allowed; use 'cpu' or 'cuda[:N]'.")
+        if self.algo.name == "grpo" and self.env.num_envs % self.algo.group_size:
+            raise ValueError(
+                f"env.num_envs={self.env.num_envs} must be a multiple of algo.group_size={self.algo.group_size} "
+                "(each group of rollouts shares one initial state)."
+            )
         if self.env.act_steps > self.policy.horizon:
             raise ValueError(
                 f"env.act_steps={self.env.act_steps} exceeds policy.horizon={self.policy.horizon}: "
@@ -265,7 +322,7 @@ class Config:
 
 
 # Algorithm name -> its config schema (the `algo` group picks one).
-ALGO_CONFIGS: dict[str, type] = {"ppo": PPOConfig}
+ALGO_CONFIGS: dict[str, type] = {"ppo": PPOConfig, "grpo": GRPOConfig}
 
 
 def config_schema(algo: str = "ppo") -> DictConfig:
@@ -284,3 +341,4 @@ def register_configs() -> None:
     cs.store(group="env", name="base_env", node=EnvConfig)
     cs.store(group="policy", name="base_flow", node=PolicyConfig)
     cs.store(group="algo", name="base_ppo", node=PPOConfig)
+    cs.store(group="algo", name="base_grpo", node=GRPOConfig)
