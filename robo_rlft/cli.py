@@ -15,7 +15,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from robo_rlft.config import ALGO_CONFIGS, Config, config_schema, register_configs
+from robo_rlft.config import ALGO_CONFIGS, POLICY_SECTIONS, Config, config_schema, register_configs
 
 logger = logging.getLogger("robo_rlft")
 
@@ -66,27 +66,27 @@ def usage() -> str:
     )
 
 
-def _explain(exc: Exception, algo: str) -> str:
+def _explain(exc: Exception, groups: dict[str, str]) -> str:
     """Rewrite Hydra's composition errors so they name the key and list the allowed values."""
     message = str(exc)
     missing_option = re.search(r"Could not find '(\w+)/([^']+)'", message)
     if missing_option:
         group, name = missing_option.groups()
         return f"Unknown {group} {name!r} ({group}={name}). Allowed: {_group_options(group)}."
-    explained = _explain_unknown_key(f"{message}\n{exc.__cause__}", algo)
+    explained = _explain_unknown_key(f"{message}\n{exc.__cause__}", groups)
     if explained is None and exc.__cause__ is not None:  # e.g. a value of the wrong type
         explained = f"{message}: {str(exc.__cause__).splitlines()[0]}"
     return explained or message
 
 
-def _explain_unknown_key(message: str, algo: str) -> str | None:
+def _explain_unknown_key(message: str, groups: dict[str, str]) -> str | None:
     """Turn Hydra's 'Key X is not in struct' into a message listing the allowed keys of that node."""
     match = re.search(r"Could not override '([\w.]+)'", message) or re.search(r"full_key: ([\w.]+)", message)
     if not match or not re.search(r"Key '\w+' (is )?not in", message):
         return None
     full_key = match.group(1)
     parent, _, leaf = full_key.rpartition(".")
-    node = config_schema(algo if algo in ALGO_CONFIGS else "ppo")
+    node = config_schema(**groups)
     for part in filter(None, parent.split(".")):
         if part not in node:
             return f"Unknown config key {full_key!r}: {part!r} is not a section. Sections: {sorted(node.keys())}."
@@ -95,6 +95,21 @@ def _explain_unknown_key(message: str, algo: str) -> str | None:
     close = difflib.get_close_matches(leaf, allowed, n=1, cutoff=0.5)
     hint = f" Did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
     return f"Unknown config key {full_key!r}.{hint} Allowed keys under {parent or 'the top level'!r}: {allowed}."
+
+
+# The typed groups and their defaults (configs/config.yaml).
+DEFAULT_GROUPS = {"algo": "ppo", "policy": "flow"}
+
+
+def _selected_groups(overrides: list[str]) -> dict[str, str]:
+    """The ``algo``/``policy`` choices of a command line (valid ones only; defaults otherwise)."""
+    tables = {"algo": ALGO_CONFIGS, "policy": POLICY_SECTIONS}
+    selected = dict(DEFAULT_GROUPS)
+    for override in overrides:
+        group, _, name = override.partition("=")
+        if group in selected and name in tables[group]:
+            selected[group] = name
+    return selected
 
 
 def compose_config(overrides: list[str]) -> Config:
@@ -107,8 +122,7 @@ def compose_config(overrides: list[str]) -> Config:
             cfg = compose(config_name="config", overrides=overrides)
         return OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
-        algo = next((o.split("=", 1)[1] for o in overrides if o.startswith("algo=")), "ppo")
-        raise ConfigError(_explain(exc, algo)) from None
+        raise ConfigError(_explain(exc, _selected_groups(overrides))) from None
     except ValueError as exc:  # a dataclass __post_init__ rejected a value
         raise ConfigError(str(exc)) from None
 
@@ -116,12 +130,12 @@ def compose_config(overrides: list[str]) -> Config:
 def config_from_saved(path: Path, overrides: list[str]) -> Config:
     """A run's saved ``config.yaml`` with ``key=value`` overrides on top (used to resume)."""
     saved = OmegaConf.load(path)
-    algo = saved.get("algo", {}).get("name", "ppo")
+    groups = {group: saved.get(group, {}).get("name", DEFAULT_GROUPS[group]) for group in DEFAULT_GROUPS}
     try:
-        node = OmegaConf.merge(config_schema(algo), saved, OmegaConf.from_dotlist(overrides))
+        node = OmegaConf.merge(config_schema(**groups), saved, OmegaConf.from_dotlist(overrides))
         return OmegaConf.to_object(node)
     except OmegaConfBaseException as exc:
-        raise ConfigError(_explain(exc, algo)) from None
+        raise ConfigError(_explain(exc, groups)) from None
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

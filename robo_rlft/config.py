@@ -17,7 +17,6 @@ from envs import ENV_IDS
 from policies.chain import LOG_PROB_REDUCTIONS
 from policies.critic import CriticConfig
 from policies.flow import FlowPolicyConfig
-from policies.registry import POLICIES
 
 RATIO_UNITS: tuple[str, ...] = ("chain", "transition")
 
@@ -56,23 +55,28 @@ class EnvConfig:
 
 
 @dataclass
-class PolicyConfig(FlowPolicyConfig):
-    """Policy family plus its architecture.
+class RunPolicyFields:
+    """What every ``policy`` section adds to a policy family's own config.
 
     Attributes:
-        name: policy family (``policies.registry.POLICIES``).
         pretrained: checkpoint directory to start from; ``builtin:NAME`` names a checkpoint shipped
             with the package. For ``finetune``, null means the built-in checkpoint for the env.
         critic: value network used by RL.
     """
 
-    name: str = "flow"
     pretrained: str | None = None
     critic: CriticConfig = field(default_factory=CriticConfig)
 
+
+@dataclass
+class FlowPolicySection(FlowPolicyConfig, RunPolicyFields):
+    """``policy=flow``: a rectified-flow policy (``policies.flow.FlowPolicyConfig``) and its run fields."""
+
+    name: str = "flow"
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_choice("policy.name", self.name, sorted(POLICIES))
+        _check_choice("policy.name", self.name, ["flow"])
 
 
 @dataclass
@@ -294,7 +298,7 @@ class Config:
     """
 
     env: EnvConfig = field(default_factory=EnvConfig)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    policy: Any = MISSING  # the `policy` group fills it with its family's section
     algo: Any = MISSING  # the `algo` group fills it with PPOConfig or GRPOConfig
     collect: CollectConfig = field(default_factory=CollectConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -323,14 +327,18 @@ class Config:
 
 # Algorithm name -> its config schema (the `algo` group picks one).
 ALGO_CONFIGS: dict[str, type] = {"ppo": PPOConfig, "grpo": GRPOConfig}
+# Policy family -> its config section (the `policy` group picks one).
+POLICY_SECTIONS: dict[str, type] = {"flow": FlowPolicySection}
 
 
-def config_schema(algo: str = "ppo") -> DictConfig:
-    """The structured config with the ``algo`` node typed for algorithm ``algo``."""
-    if algo not in ALGO_CONFIGS:
-        raise ValueError(f"Unknown algo {algo!r} (algo={algo}). Allowed: {sorted(ALGO_CONFIGS)}.")
+def config_schema(algo: str = "ppo", policy: str = "flow") -> DictConfig:
+    """The structured config with the ``algo`` and ``policy`` nodes typed for the chosen ones."""
+    for group, name, table in (("algo", algo, ALGO_CONFIGS), ("policy", policy, POLICY_SECTIONS)):
+        if name not in table:
+            raise ValueError(f"Unknown {group} {name!r} ({group}={name}). Allowed: {sorted(table)}.")
     schema = OmegaConf.structured(Config)
     schema.algo = OmegaConf.structured(ALGO_CONFIGS[algo])
+    schema.policy = OmegaConf.structured(POLICY_SECTIONS[policy])
     return schema
 
 
@@ -339,6 +347,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="env", name="base_env", node=EnvConfig)
-    cs.store(group="policy", name="base_flow", node=PolicyConfig)
+    for name, section in POLICY_SECTIONS.items():
+        cs.store(group="policy", name=f"base_{name}", node=section)
     cs.store(group="algo", name="base_ppo", node=PPOConfig)
     cs.store(group="algo", name="base_grpo", node=GRPOConfig)
