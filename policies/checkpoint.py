@@ -32,6 +32,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 NORMALIZATION_FILE = "normalization.safetensors"
 _NORMALIZER_PREFIX = "normalizer."
+_BASE_PREFIX = "base_model."
 # Weights that only RL fine-tuning needs; evaluation and deployment use the deterministic sampler.
 _OPTIONAL_PREFIXES = ("noise.",)
 
@@ -77,6 +78,11 @@ def save_policy(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     state = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
+    # A frozen base network (DPPO's early denoising steps) is part of the fine-tuned policy's behaviour.
+    if getattr(policy, "base_model", None) is not None:
+        state.update(
+            {_BASE_PREFIX + k: v.detach().cpu().contiguous() for k, v in policy.base_model.state_dict().items()}
+        )
     norm = {k[len(_NORMALIZER_PREFIX) :]: v for k, v in state.items() if k.startswith(_NORMALIZER_PREFIX)}
     weights = {
         k: v
@@ -154,6 +160,7 @@ def load_policy(
     policy = model_cls(config["obs_dim"], config["action_dim"], _config_from_dict(config_cls, config["config"]))
     weights = load_file(path / WEIGHTS_FILE)
     weights.update({_NORMALIZER_PREFIX + k: v for k, v in load_file(path / NORMALIZATION_FILE).items()})
+    base = {k[len(_BASE_PREFIX) :]: weights.pop(k) for k in list(weights) if k.startswith(_BASE_PREFIX)}
     expected = policy.state_dict()
     missing = [k for k in expected if k not in weights and not k.startswith(_OPTIONAL_PREFIXES)]
     unexpected = [k for k in weights if k not in expected]
@@ -172,4 +179,7 @@ def load_policy(
     ):
         logger.info("Checkpoint %s has no noise head; it starts from its initialisation.", path)
     policy.load_state_dict(weights, strict=False)
+    if base:
+        policy.freeze_base()
+        policy.base_model.load_state_dict(base)
     return policy, config["metadata"]

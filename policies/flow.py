@@ -56,6 +56,8 @@ class FlowPolicy(nn.Module):
     """
 
     policy_type = "flow"
+    # Config fields that are fine-tuning choices rather than architecture.
+    FINETUNE_FIELDS: tuple[str, ...] = ("noise",)
 
     def __init__(self, obs_dim: int, action_dim: int, config: FlowPolicyConfig) -> None:
         super().__init__()
@@ -73,6 +75,11 @@ class FlowPolicy(nn.Module):
     def _build_scheme(self, config: FlowNoiseConfig) -> nn.Module:
         obs_time_dim = self.obs_dim + self.config.time_embed_dim
         return SCHEMES[config.scheme](obs_time_dim, self.config.hidden_dims[-1], self.horizon, self.action_dim, config)
+
+    def configure_finetuning(self, settings: object) -> FlowPolicy:
+        """Apply the fine-tuning fields (``FINETUNE_FIELDS``) of a run's policy config; returns the policy."""
+        self.configure_noise(settings.noise)
+        return self
 
     def configure_noise(self, config: FlowNoiseConfig) -> None:
         """Switch the noise scheme (a fine-tuning choice, not part of the base model).

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from policies.diffusion import DiffusionPolicy, DiffusionPolicyConfig
 from policies.flow import FlowPolicy, FlowPolicyConfig
 
 POLICIES: dict[str, tuple[type, type]] = {
     "flow": (FlowPolicy, FlowPolicyConfig),
+    "diffusion": (DiffusionPolicy, DiffusionPolicyConfig),
 }
 
 

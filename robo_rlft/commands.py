@@ -206,6 +206,8 @@ def finetune(cfg: Config, overrides: list[str]) -> None:
             )
         obs_dim, action_dim = _env_dims(cfg.env.name)
         policy, _ = load_policy(resolve_checkpoint(pretrained), cfg.policy.name, obs_dim, action_dim)
+        # The exploration settings are a fine-tuning choice: the config's apply to the loaded policy.
+        policy = policy.configure_finetuning(cfg.policy)
         cfg = _with_checkpoint_architecture(cfg, policy)
         run_dir = _setup(cfg, "finetune")
     train = {"ppo": train_ppo, "grpo": train_grpo}[cfg.algo.name]
@@ -217,11 +219,9 @@ def _with_checkpoint_architecture(cfg: Config, policy: torch.nn.Module) -> Confi
     """The config with ``policy.*`` architecture fields taken from the loaded checkpoint.
 
     The checkpoint defines the network, so differing config values are reported and replaced;
-    ``env.act_steps`` is re-checked against the checkpoint's horizon. The noise scheme is a
-    fine-tuning choice: the config's ``policy.noise`` is applied to the loaded policy.
+    ``env.act_steps`` is re-checked against the checkpoint's horizon.
     """
-    policy.configure_noise(cfg.policy.noise)
-    arch = {k: v for k, v in vars(policy.config).items() if k != "noise"}
+    arch = {k: v for k, v in vars(policy.config).items() if k not in policy.FINETUNE_FIELDS}
     differing = {k: (getattr(cfg.policy, k), v) for k, v in arch.items() if getattr(cfg.policy, k) != v}
     if differing:
         logger.info(

@@ -16,6 +16,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from envs import ENV_IDS
 from policies.chain import LOG_PROB_REDUCTIONS
 from policies.critic import CriticConfig
+from policies.diffusion import DiffusionPolicyConfig
 from policies.flow import FlowPolicyConfig
 
 RATIO_UNITS: tuple[str, ...] = ("chain", "transition")
@@ -77,6 +78,17 @@ class FlowPolicySection(FlowPolicyConfig, RunPolicyFields):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("policy.name", self.name, ["flow"])
+
+
+@dataclass
+class DiffusionPolicySection(DiffusionPolicyConfig, RunPolicyFields):
+    """``policy=diffusion``: a DPPO-style diffusion policy (``policies.diffusion.DiffusionPolicyConfig``)."""
+
+    name: str = "diffusion"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("policy.name", self.name, ["diffusion"])
 
 
 @dataclass
@@ -328,7 +340,7 @@ class Config:
 # Algorithm name -> its config schema (the `algo` group picks one).
 ALGO_CONFIGS: dict[str, type] = {"ppo": PPOConfig, "grpo": GRPOConfig}
 # Policy family -> its config section (the `policy` group picks one).
-POLICY_SECTIONS: dict[str, type] = {"flow": FlowPolicySection}
+POLICY_SECTIONS: dict[str, type] = {"flow": FlowPolicySection, "diffusion": DiffusionPolicySection}
 
 
 def config_schema(algo: str = "ppo", policy: str = "flow") -> DictConfig:

@@ -78,7 +78,7 @@ def test_verb_help_prints_the_composed_config(capsys):
 
 BAD_CONFIGS = [
     ("env=foo", ["foo", "env", "hopper", "walker2d", "humanoid"]),
-    ("policy=diffusion", ["diffusion", "policy", "flow"]),
+    ("policy=transformer", ["transformer", "policy", "diffusion", "flow"]),
     ("algo=foo", ["foo", "algo", "ppo"]),
     ("algo.cliip=0.1", ["algo.cliip", "clip_coef", "gae_lambda", "target_kl"]),
     ("algo.log_prob_reduction=max", ["algo.log_prob_reduction", "'max'", "'sum'", "'mean'"]),

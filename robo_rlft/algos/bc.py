@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -74,6 +73,6 @@ def pretrain_bc(cfg: Config, run_dir: Path, policy: torch.nn.Module, dataset: De
     finally:
         bar.close()
         metrics.close()
-    if math.isnan(ema.velocity_net[0].weight.sum().item()):
+    if not all(torch.isfinite(p).all() for p in ema.parameters()):
         raise FloatingPointError("EMA weights are not finite; pretraining diverged.")
     return ema
