@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from envs import make_env, make_vector_env, step_info_value
+from policies.checkpoint import save_policy
 from robo_rlft.stats import mean_ci95, wilson_ci95
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,41 @@ def evaluate_policy(
         rate, lo, hi = wilson_ci95(int(np.sum(successes)), len(successes))
         result.update(success_rate=rate, success_ci95=[lo, hi])
     return result
+
+
+def eval_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The ``eval/`` metrics of an :func:`evaluate_policy` result."""
+    metrics = {"eval/return_mean": result["return_mean"], "eval/return_ci95": result["return_ci95"]}
+    if result["success_rate"] is not None:
+        metrics["eval/success_rate"] = result["success_rate"]
+    return metrics
+
+
+class BestPolicyTracker:
+    """Evaluates the policy being trained (deterministic sampler, its own RNG, so evaluating never
+    shifts training) and keeps the best one so far in ``run_dir/best``."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        env_name: str,
+        act_steps: int,
+        episodes: int,
+        device: str | torch.device,
+        metadata: dict[str, Any],
+        best_return: float = -math.inf,
+    ) -> None:
+        self.run_dir, self.env_name, self.act_steps = run_dir, env_name, act_steps
+        self.episodes, self.device, self.metadata = episodes, device, metadata
+        self.best_return = best_return
+
+    def evaluate(self, policy: torch.nn.Module, iteration: int) -> dict[str, Any]:
+        """Evaluate; if it beats the best return so far, save ``policy`` to ``run_dir/best``."""
+        result = evaluate_policy(policy, self.env_name, self.episodes, self.act_steps, device=self.device)
+        if result["return_mean"] > self.best_return:
+            self.best_return = result["return_mean"]
+            save_policy(policy, self.run_dir / "best", {**self.metadata, "iteration": iteration})
+        return result
 
 
 @torch.no_grad()

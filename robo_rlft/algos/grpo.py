@@ -29,10 +29,9 @@ from torch import nn
 from envs import make_vector_env, step_info_value
 from policies.chain import reduce_log_prob
 from policies.checkpoint import save_policy
-from robo_rlft.algos.ppo import eval_metrics
 from robo_rlft.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from robo_rlft.config import Config, GRPOConfig
-from robo_rlft.evaluation import evaluate_policy
+from robo_rlft.evaluation import BestPolicyTracker, eval_metrics
 from robo_rlft.metrics import MetricLogger
 from robo_rlft.progress import progress_bar
 
@@ -285,18 +284,12 @@ def train_grpo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: boo
     }
     last_eval: dict[str, Any] = {}
 
-    def evaluate_and_keep_best(iteration: int) -> dict[str, Any]:
-        """Deterministic-sampler evaluation (own RNG, so it never shifts training); saves ``best/``."""
-        nonlocal best_return
-        result = evaluate_policy(policy, cfg.env.name, algo.eval_episodes, cfg.env.act_steps, device=device)
-        if result["return_mean"] > best_return:
-            best_return = result["return_mean"]
-            save_policy(policy, run_dir / "best", {**policy_metadata, "iteration": iteration})
-        return result
-
+    tracker = BestPolicyTracker(
+        run_dir, cfg.env.name, cfg.env.act_steps, algo.eval_episodes, device, policy_metadata, best_return
+    )
     if start_iteration == 0:
         # Iteration 0 is the pretrained policy: the curve starts where fine-tuning starts.
-        last_eval = evaluate_and_keep_best(0)
+        last_eval = tracker.evaluate(policy, 0)
         metrics.log(0, {"iteration": 0, "env_steps": 0, **eval_metrics(last_eval)})
 
     if optim_state is not None:
@@ -389,7 +382,7 @@ def train_grpo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: boo
 
             done = iteration + 1 == algo.iterations
             if done or (algo.eval_every and (iteration + 1) % algo.eval_every == 0):
-                last_eval = evaluate_and_keep_best(iteration + 1)
+                last_eval = tracker.evaluate(policy, iteration + 1)
                 row.update(eval_metrics(last_eval))
             metrics.log(env_steps, row)
             if done or (iteration + 1) % algo.checkpoint_every == 0:
@@ -399,7 +392,7 @@ def train_grpo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: boo
                     policy,
                     None,  # critic-free
                     {"actor_optimizer": optimizer.state_dict()},
-                    {"env_steps": env_steps, "best_return": best_return},
+                    {"env_steps": env_steps, "best_return": tracker.best_return},
                     policy_metadata,
                 )
             bar.advance(

@@ -24,7 +24,7 @@ from policies.checkpoint import save_policy
 from policies.critic import ValueCritic
 from robo_rlft.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from robo_rlft.config import Config
-from robo_rlft.evaluation import evaluate_policy
+from robo_rlft.evaluation import BestPolicyTracker, eval_metrics
 from robo_rlft.metrics import MetricLogger
 from robo_rlft.progress import progress_bar
 from robo_rlft.returns import RunningRewardScaler, compute_gae
@@ -126,14 +126,6 @@ def transition_clip_schedule(
     return clips
 
 
-def eval_metrics(result: dict[str, Any]) -> dict[str, float]:
-    """The ``eval/`` metrics of an :func:`evaluate_policy` result."""
-    metrics = {"eval/return_mean": result["return_mean"], "eval/return_ci95": result["return_ci95"]}
-    if result["success_rate"] is not None:
-        metrics["eval/success_rate"] = result["success_rate"]
-    return metrics
-
-
 def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool = False) -> dict[str, Any]:
     """Fine-tune ``policy`` with PPO; writes metrics, checkpoints, ``best/`` and ``final/`` to ``run_dir``.
 
@@ -198,18 +190,12 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
     next_value_buf = torch.zeros(num_steps, num_envs)
     end_buf = torch.zeros(num_steps, num_envs)
 
-    def evaluate_and_keep_best(iteration: int) -> dict[str, Any]:
-        """Deterministic-sampler evaluation (own RNG, so it never shifts training); saves ``best/``."""
-        nonlocal best_return
-        result = evaluate_policy(policy, cfg.env.name, algo.eval_episodes, cfg.env.act_steps, device=device)
-        if result["return_mean"] > best_return:
-            best_return = result["return_mean"]
-            save_policy(policy, run_dir / "best", {**policy_metadata, "iteration": iteration})
-        return result
-
+    tracker = BestPolicyTracker(
+        run_dir, cfg.env.name, cfg.env.act_steps, algo.eval_episodes, device, policy_metadata, best_return
+    )
     if start_iteration == 0:
         # Iteration 0 is the pretrained policy: the curve starts where fine-tuning starts.
-        last_eval = evaluate_and_keep_best(0)
+        last_eval = tracker.evaluate(policy, 0)
         metrics.log(0, {"iteration": 0, "env_steps": 0, **eval_metrics(last_eval)})
 
     if optim_state is not None:
@@ -351,7 +337,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
 
             done = iteration + 1 == algo.iterations
             if done or (algo.eval_every and (iteration + 1) % algo.eval_every == 0):
-                last_eval = evaluate_and_keep_best(iteration + 1)
+                last_eval = tracker.evaluate(policy, iteration + 1)
                 row.update(eval_metrics(last_eval))
             metrics.log(env_steps, row)
             if done or (iteration + 1) % algo.checkpoint_every == 0:
@@ -368,7 +354,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
                     },
                     {
                         "env_steps": env_steps,
-                        "best_return": best_return,
+                        "best_return": tracker.best_return,
                         "reward_scaler": reward_scaler.state_dict(),
                     },
                     policy_metadata,
