@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from policies.diffusion import DiffusionPolicy, DiffusionPolicyConfig
 from policies.flow import FlowPolicy, FlowPolicyConfig
+from policies.gaussian import GaussianPolicy, GaussianPolicyConfig
 
 POLICIES: dict[str, tuple[type, type]] = {
     "flow": (FlowPolicy, FlowPolicyConfig),
     "diffusion": (DiffusionPolicy, DiffusionPolicyConfig),
+    "gaussian": (GaussianPolicy, GaussianPolicyConfig),
 }
 
 

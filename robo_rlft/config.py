@@ -18,6 +18,7 @@ from policies.chain import LOG_PROB_REDUCTIONS
 from policies.critic import CriticConfig
 from policies.diffusion import DiffusionPolicyConfig
 from policies.flow import FlowPolicyConfig
+from policies.gaussian import GaussianPolicyConfig
 
 RATIO_UNITS: tuple[str, ...] = ("chain", "transition")
 
@@ -89,6 +90,17 @@ class DiffusionPolicySection(DiffusionPolicyConfig, RunPolicyFields):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("policy.name", self.name, ["diffusion"])
+
+
+@dataclass
+class GaussianPolicySection(GaussianPolicyConfig, RunPolicyFields):
+    """``policy=gaussian``: the Gaussian MLP baseline (``policies.gaussian.GaussianPolicyConfig``)."""
+
+    name: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("policy.name", self.name, ["gaussian"])
 
 
 @dataclass
@@ -340,7 +352,11 @@ class Config:
 # Algorithm name -> its config schema (the `algo` group picks one).
 ALGO_CONFIGS: dict[str, type] = {"ppo": PPOConfig, "grpo": GRPOConfig}
 # Policy family -> its config section (the `policy` group picks one).
-POLICY_SECTIONS: dict[str, type] = {"flow": FlowPolicySection, "diffusion": DiffusionPolicySection}
+POLICY_SECTIONS: dict[str, type] = {
+    "flow": FlowPolicySection,
+    "diffusion": DiffusionPolicySection,
+    "gaussian": GaussianPolicySection,
+}
 
 
 def config_schema(algo: str = "ppo", policy: str = "flow") -> DictConfig:
