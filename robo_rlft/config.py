@@ -126,6 +126,9 @@ class PPOConfig:
             exponentially (``clip_schedule_rate``) to ``clip_coef`` at the last step. Null: ``clip_coef``
             at every step.
         ent_coef: bonus on the entropy of the learned noise.
+        bc_coef: weight of the BC regulariser toward the frozen pretrained policy (0: off): the
+            squared distance between the deterministic action chunks of both from the same ``x_0``
+            (ReinFlow's W2 term). Costs two deterministic samples per minibatch.
         vf_coef: weight of the value loss.
         target_kl: stop the epoch loop when the approximate KL exceeds it (null: never).
         max_grad_norm: gradient clipping.
@@ -153,6 +156,7 @@ class PPOConfig:
     clip_coef_first: float | None = None
     clip_schedule_rate: float = 3.0
     ent_coef: float = 0.0
+    bc_coef: float = 0.0
     vf_coef: float = 0.5
     target_kl: float | None = 0.01
     max_grad_norm: float = 1.0
@@ -181,6 +185,8 @@ class PPOConfig:
                 raise ValueError(f"algo.{name} must be in [0, 1], got {getattr(self, name)}.")
         if self.target_kl is not None and self.target_kl <= 0:
             raise ValueError(f"algo.target_kl must be > 0 or null, got {self.target_kl}.")
+        if self.bc_coef < 0:
+            raise ValueError(f"algo.bc_coef must be >= 0, got {self.bc_coef}.")
         if self.critic_warmup_iterations < 0 or self.eval_every < 0:
             raise ValueError("algo.critic_warmup_iterations and algo.eval_every must be >= 0.")
 

@@ -261,3 +261,38 @@ def test_checkpoints_keep_only_the_newest_two(tmp_path, flow_policy_factory):
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["iter_000003", "iter_000004", "latest"]
     assert json.loads((latest_checkpoint(tmp_path) / "state.json").read_text())["iteration"] == 4
+
+
+# ---- BC regulariser toward the frozen pretrained policy ---------------------------------------------------
+
+
+def test_bc_regulariser_is_zero_at_the_base_and_pulls_back_toward_it(flow_policy_factory):
+    base = flow_policy_factory(random_noise_head=True)
+    policy = copy.deepcopy(base)
+    obs = torch.randn(32, 11, generator=torch.Generator().manual_seed(0))
+    assert ppo.bc_regulariser(policy, base, obs).item() == 0.0
+    with torch.no_grad():
+        policy.velocity_net[-1].bias.add_(0.3)  # fine-tuning drifted away from the base
+    drift = ppo.bc_regulariser(policy, base, obs)
+    assert drift.item() > 1e-3
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.05)
+    for _ in range(20):
+        optimizer.zero_grad()
+        ppo.bc_regulariser(policy, base, obs).backward()
+        optimizer.step()
+    assert ppo.bc_regulariser(policy, base, obs).item() < 0.5 * drift.item()
+    assert all(p.grad is None for p in base.parameters()), "the base stays frozen"
+
+
+def test_finetune_with_bc_regulariser_keeps_its_base_and_resumes(tmp_path, hopper_checkpoint, tiny_finetune):
+    settings = [*tiny_finetune, "algo.bc_coef=1.0", "algo.critic_warmup_iterations=0", "algo.checkpoint_every=1"]
+    run_dir = tmp_path / "run"
+    assert _finetune(run_dir, hopper_checkpoint, settings, "algo.iterations=1") == 0
+    first = _rows(run_dir)[0]
+    assert float(first["bc_loss"]) >= 0 and abs(float(first["ratio_first_minibatch"]) - 1) < 1e-5
+    base_before = load_file(run_dir / "base_policy" / "model.safetensors")
+    assert main(["finetune", f"resume={run_dir}", "algo.iterations=2"]) == 0
+    base_after = load_file(run_dir / "base_policy" / "model.safetensors")
+    assert all(torch.equal(base_before[k], base_after[k]) for k in base_before), "resume keeps the original base"
+    initial = load_file(hopper_checkpoint / "model.safetensors")
+    assert all(torch.equal(initial[k], base_after[k]) for k in initial), "the base is the pretrained policy"

@@ -20,7 +20,7 @@ from torch import nn
 
 from envs import make_vector_env, step_info_value
 from policies.chain import chain_log_prob, step_log_prob
-from policies.checkpoint import save_policy
+from policies.checkpoint import load_policy, save_policy
 from policies.critic import ValueCritic
 from robo_rlft.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from robo_rlft.config import Config
@@ -31,6 +31,9 @@ from robo_rlft.returns import RunningRewardScaler, compute_gae
 
 logger = logging.getLogger(__name__)
 
+# Where a run keeps the frozen pretrained policy of the BC regulariser.
+BASE_POLICY_DIR = "base_policy"
+
 
 @dataclass
 class PPOLosses:
@@ -39,6 +42,7 @@ class PPOLosses:
     policy: torch.Tensor
     value: torch.Tensor
     entropy: torch.Tensor
+    bc: torch.Tensor
     approx_kl: float
     clip_fraction: float
     ratio_mean: float
@@ -55,8 +59,10 @@ def ppo_losses(
     advantages: torch.Tensor,
     returns: torch.Tensor,
     cfg: Config,
+    base_policy: nn.Module | None = None,
 ) -> PPOLosses:
-    """Clipped PPO objective on one minibatch.
+    """Clipped PPO objective on one minibatch, with the value loss, the entropy bonus and, when a
+    frozen ``base_policy`` is given, the BC regulariser toward it (:func:`bc_regulariser`).
 
     Args:
         obs: ``(M, obs_dim)``; chains: ``(M, K+1, H, A)``; stochastic: ``(M, K)`` bool;
@@ -93,15 +99,32 @@ def ppo_losses(
         # Schulman's low-variance estimator of KL(old || new).
         approx_kl = ((ratio - 1) - log_ratio).mean().item()
         clip_fraction = ((ratio - 1).abs() > clip).float().mean().item()
+    bc = algo.bc_coef * bc_regulariser(policy, base_policy, obs) if base_policy is not None else pg_loss.new_zeros(())
     return PPOLosses(
         policy=pg_loss,
         value=algo.vf_coef * value_loss,
         entropy=-algo.ent_coef * entropy_mean,
+        bc=bc,
         approx_kl=approx_kl,
         clip_fraction=clip_fraction,
         ratio_mean=ratio.mean().item(),
         entropy_mean=entropy_mean.item(),
     )
+
+
+def bc_regulariser(policy: nn.Module, base_policy: nn.Module, obs: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance between the action chunks (normalised units, before the clip) that the
+    policy and the frozen base produce with their deterministic samplers from the same ``x_0``:
+    ReinFlow's W2 regulariser, which keeps fine-tuning near the pretrained behaviour.
+
+    The shared ``x_0`` comes from a generator seeded off the global RNG, so runs stay reproducible.
+    """
+    seed = int(torch.randint(2**62, (1,)))
+    device = obs.device
+    mine = policy.sample(obs, deterministic=True, generator=torch.Generator(device).manual_seed(seed)).chain[:, -1]
+    with torch.no_grad():
+        base = base_policy.sample(obs, deterministic=True, generator=torch.Generator(device).manual_seed(seed))
+    return (mine - base.chain[:, -1]).pow(2).mean()
 
 
 def transition_clip_schedule(
@@ -150,6 +173,13 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
         raise ValueError(f"env.act_steps={cfg.env.act_steps} exceeds the policy's horizon {policy.horizon}.")
     envs = make_vector_env(cfg.env.name, num_envs, policy.horizon, cfg.env.act_steps, cfg.env.asynchronous)
     obs_dim = policy.obs_dim
+    base_policy = None
+    if algo.bc_coef > 0:
+        # The frozen pretrained policy lives in the run directory, so a resumed run regularises
+        # toward the same policy as the original one.
+        if not resume:
+            save_policy(policy, run_dir / BASE_POLICY_DIR, {"env": cfg.env.name, "role": "bc regulariser base"})
+        base_policy = load_policy(run_dir / BASE_POLICY_DIR)[0].to(device).eval().requires_grad_(False)
     policy.to(device).train()
     critic.to(device).train()
     actor_optimizer = torch.optim.Adam(policy.parameters(), lr=algo.actor_lr)
@@ -265,7 +295,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
             minibatch = min(algo.minibatch_size, batch_size)
             train_actor = iteration >= algo.critic_warmup_iterations
             ratio_first = math.nan
-            kls, clip_fracs, policy_losses, value_losses, entropies = [], [], [], [], []
+            kls, clip_fracs, policy_losses, value_losses, entropies, bc_losses = [], [], [], [], [], []
             skipped = epochs_run = 0
             for _epoch in range(algo.update_epochs):
                 epochs_run += 1
@@ -283,10 +313,11 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
                         b_advantages[mb],
                         b_returns[mb],
                         cfg,
+                        base_policy,
                     )
                     if math.isnan(ratio_first):
                         ratio_first = losses.ratio_mean
-                    loss = losses.value + (losses.policy + losses.entropy if train_actor else 0.0)
+                    loss = losses.value + (losses.policy + losses.entropy + losses.bc if train_actor else 0.0)
                     if not torch.isfinite(loss):
                         skipped += 1
                         logger.warning("Non-finite loss at iteration %d; skipping this minibatch update.", iteration)
@@ -304,6 +335,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
                     policy_losses.append(losses.policy.item())
                     value_losses.append(losses.value.item())
                     entropies.append(losses.entropy_mean)
+                    bc_losses.append(losses.bc.item())
                 # KL early stop: skip the remaining epochs once this epoch moved the policy too far.
                 epoch_kls = kls[epoch_start:]
                 if train_actor and algo.target_kl is not None and epoch_kls and np.mean(epoch_kls) > algo.target_kl:
@@ -325,6 +357,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
                 "train/policy_loss": float(np.mean(policy_losses)) if policy_losses else math.nan,
                 "train/value_loss": float(np.mean(value_losses)) if value_losses else math.nan,
                 "train/entropy": float(np.mean(entropies)) if entropies else math.nan,
+                "train/bc_loss": float(np.mean(bc_losses)) if bc_losses else math.nan,
                 "train/skipped_updates": skipped,
                 "train/epochs": epochs_run,
                 "train/actor_lr": actor_scheduler.get_last_lr()[0],
