@@ -22,8 +22,13 @@ class FlowPolicyConfig:
         horizon: H, actions per predicted chunk.
         denoising_steps: K, Euler steps from noise (t=0) to action (t=1).
         hidden_dims: widths of the velocity MLP.
-        time_embed_dim: size of the sinusoidal embedding of t.
+        time_embed_dim: size of the sinusoidal embedding of t (and of the step size d).
         noise: the noise scheme that makes the chain stochastic during RL fine-tuning.
+        shortcut: a shortcut model (Frans et al. 2024): the velocity is also conditioned on the step
+            size d and trained for self-consistency, so one model samples well at 1, 2, 4, ... steps;
+            K (``denoising_steps``) is then a sampling choice, changeable at fine-tuning time.
+        shortcut_levels: L, the smallest step size is 2^-L (K must be a power of two <= 2^L).
+        shortcut_fraction: share of each pretraining batch spent on self-consistency targets.
     """
 
     horizon: int = 4
@@ -31,8 +36,20 @@ class FlowPolicyConfig:
     hidden_dims: list[int] = field(default_factory=lambda: [256, 256, 256])
     time_embed_dim: int = 16
     noise: FlowNoiseConfig = field(default_factory=FlowNoiseConfig)
+    shortcut: bool = False
+    shortcut_levels: int = 7
+    shortcut_fraction: float = 0.25
 
     def __post_init__(self) -> None:
+        if self.shortcut:
+            k = self.denoising_steps
+            if k & (k - 1) or k > 2**self.shortcut_levels:
+                raise ValueError(
+                    f"policy.denoising_steps={k}: a shortcut model samples with a power of two steps "
+                    f"<= 2^policy.shortcut_levels = {2**self.shortcut_levels} (1, 2, 4, ...)."
+                )
+            if not 0.0 < self.shortcut_fraction < 1.0:
+                raise ValueError(f"policy.shortcut_fraction must be in (0, 1), got {self.shortcut_fraction}.")
         for name in ("horizon", "denoising_steps", "time_embed_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"policy.{name} must be >= 1, got {getattr(self, name)}.")
@@ -56,8 +73,11 @@ class FlowPolicy(nn.Module):
     """
 
     policy_type = "flow"
-    # Config fields that are fine-tuning choices rather than architecture.
-    FINETUNE_FIELDS: tuple[str, ...] = ("noise",)
+
+    @property
+    def FINETUNE_FIELDS(self) -> tuple[str, ...]:
+        """Config fields that are fine-tuning choices rather than architecture (a shortcut model's K too)."""
+        return ("noise", "denoising_steps") if self.config.shortcut else ("noise",)
 
     def __init__(self, obs_dim: int, action_dim: int, config: FlowPolicyConfig) -> None:
         super().__init__()
@@ -69,7 +89,10 @@ class FlowPolicy(nn.Module):
         chunk_dim = config.horizon * action_dim
         self.normalizer = Normalizer(obs_dim, action_dim)
         self.time_embed = SinusoidalEmbedding(config.time_embed_dim)
-        self.velocity_net = mlp(obs_dim + config.time_embed_dim + chunk_dim, config.hidden_dims, chunk_dim)
+        step_size_dim = config.time_embed_dim if config.shortcut else 0
+        self.velocity_net = mlp(
+            obs_dim + config.time_embed_dim + step_size_dim + chunk_dim, config.hidden_dims, chunk_dim
+        )
         self.noise = self._build_scheme(config.noise)
 
     def _build_scheme(self, config: FlowNoiseConfig) -> nn.Module:
@@ -78,6 +101,9 @@ class FlowPolicy(nn.Module):
 
     def configure_finetuning(self, settings: object) -> FlowPolicy:
         """Apply the fine-tuning fields (``FINETUNE_FIELDS``) of a run's policy config; returns the policy."""
+        if self.config.shortcut and settings.denoising_steps != self.num_steps:
+            self.config = dataclasses.replace(self.config, denoising_steps=settings.denoising_steps)
+            self.num_steps = settings.denoising_steps
         self.configure_noise(settings.noise)
         return self
 
@@ -102,17 +128,26 @@ class FlowPolicy(nn.Module):
         return torch.arange(self.num_steps, device=self.normalizer.obs_mean.device) / self.num_steps
 
     def velocity_and_features(
-        self, x: torch.Tensor, t: torch.Tensor, obs_norm: torch.Tensor
+        self, x: torch.Tensor, t: torch.Tensor, obs_norm: torch.Tensor, step_size: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x (N, H, A), t (N,), obs_norm (N, obs_dim)`` -> velocity ``(N, H, A)``, the velocity
-        net's last hidden features ``(N, F)`` and the ``[obs_norm, emb(t)]`` conditioning ``(N, obs_dim + E)``."""
+        net's last hidden features ``(N, F)`` and the ``[obs_norm, emb(t)]`` conditioning ``(N, obs_dim + E)``.
+
+        A shortcut model also takes the step size ``step_size (N,)`` (default: the sampler's ``1/K``).
+        """
         obs_time = torch.cat([obs_norm, self.time_embed(t)], dim=-1)
-        features = self.velocity_net[:-1](torch.cat([obs_time, x.flatten(1)], dim=-1))
+        inputs = [obs_time]
+        if self.config.shortcut:
+            step_size = torch.full_like(t, 1.0 / self.num_steps) if step_size is None else step_size
+            inputs.append(self.time_embed(step_size))
+        features = self.velocity_net[:-1](torch.cat([*inputs, x.flatten(1)], dim=-1))
         return self.velocity_net[-1](features).view_as(x), features, obs_time
 
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, obs_norm: torch.Tensor) -> torch.Tensor:
+    def velocity(
+        self, x: torch.Tensor, t: torch.Tensor, obs_norm: torch.Tensor, step_size: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``v_theta``: ``x (N, H, A), t (N,), obs_norm (N, obs_dim) -> (N, H, A)``."""
-        return self.velocity_and_features(x, t, obs_norm)[0]
+        return self.velocity_and_features(x, t, obs_norm, step_size)[0]
 
     def step_inputs(self, x: torch.Tensor, k: torch.Tensor, obs_norm: torch.Tensor) -> StepInputs:
         """Everything a scheme needs for step ``k``: ``x (N, H, A), k (N,) long, obs_norm (N, obs_dim)``."""
@@ -198,10 +233,31 @@ class FlowPolicy(nn.Module):
         return log_prob, entropy
 
     def pretrain_loss(self, obs: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Rectified-flow matching loss. ``obs (B, obs_dim)``, ``actions (B, H, A)`` env units."""
+        """Rectified-flow matching loss (plus, for a shortcut model, the self-consistency loss).
+
+        ``obs (B, obs_dim)``, ``actions (B, H, A)`` env units.
+        """
         x1 = self.normalizer.normalize_action(actions)
+        obs_norm = self.normalizer.normalize_obs(obs)
         x0 = torch.randn_like(x1)
+        if not self.config.shortcut:
+            t = torch.rand(x1.shape[0], device=x1.device)
+            x_t = (1 - t)[:, None, None] * x0 + t[:, None, None] * x1
+            return {"flow_matching": (self.velocity(x_t, t, obs_norm) - (x1 - x0)).pow(2).mean()}
+        # Shortcut: flow matching at step size 0 on most of the batch; on the rest, one step of size
+        # 2d must equal two steps of size d (targets without gradient), d = 2^-(j+1), j < L.
+        n_sc = max(1, int(self.config.shortcut_fraction * x1.shape[0]))
+        fm, sc = slice(n_sc, None), slice(0, n_sc)
         t = torch.rand(x1.shape[0], device=x1.device)
+        levels = self.config.shortcut_levels
+        d = 0.5 ** (torch.randint(levels, (n_sc,), device=x1.device) + 1)  # (n_sc,) in {1/2, ..., 2^-L}
+        t[sc] = torch.floor(t[sc] / (2 * d)) * (2 * d)  # on the grid of 2d, so t + 2d <= 1
         x_t = (1 - t)[:, None, None] * x0 + t[:, None, None] * x1
-        loss = (self.velocity(x_t, t, self.normalizer.normalize_obs(obs)) - (x1 - x0)).pow(2).mean()
-        return {"flow_matching": loss}
+        zero = torch.zeros_like(t[fm])
+        fm_loss = (self.velocity(x_t[fm], t[fm], obs_norm[fm], zero) - (x1[fm] - x0[fm])).pow(2).mean()
+        with torch.no_grad():
+            first = self.velocity(x_t[sc], t[sc], obs_norm[sc], d)
+            midpoint = x_t[sc] + d[:, None, None] * first
+            target = (first + self.velocity(midpoint, t[sc] + d, obs_norm[sc], d)) / 2
+        sc_loss = (self.velocity(x_t[sc], t[sc], obs_norm[sc], 2 * d) - target).pow(2).mean()
+        return {"flow_matching": fm_loss, "self_consistency": sc_loss}
