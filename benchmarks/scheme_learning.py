@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import subprocess
 import sys
 import time
@@ -40,6 +41,11 @@ METHODS = [
     Method("Flow-Noise (flow K=4)", None, ["policy.noise.scheme=flow_noise"]),
     Method("Flow-SDE, all steps (flow K=4)", None, ["policy.noise.scheme=flow_sde"]),
     Method("Flow-SDE, one step (flow K=4)", None, ["policy.noise.scheme=flow_sde", "policy.noise.sde_steps=one"]),
+    Method(
+        "ReinFlow (shortcut, 1 step)",
+        ["policy=shortcut"],
+        ["policy=shortcut", "policy.denoising_steps=1", "policy.noise.scheme=reinflow"],
+    ),
     Method("DPPO-DDPM (K=20, K'=10)", ["policy=diffusion", "policy.sampler=ddpm"], ["policy=diffusion", *DPPO]),
     Method("DPPO-DDIM (K=5)", ["policy=diffusion", "policy.sampler=ddim"], ["policy=diffusion", *DPPO]),
     Method(
@@ -62,7 +68,7 @@ def run_method(
     method: Method, index: int, dataset: Path, work_dir: Path, budget: list[str], pretrain: list[str]
 ) -> dict:
     """Pretrain (if needed) and fine-tune one method; returns its before/after numbers and curve."""
-    slug = f"{index}_{method.name.split()[0].lower().replace('-', '_')}"
+    slug = f"{index}_" + re.sub(r"\W+", "_", method.name.lower()).strip("_")  # also a safe Hydra value
     pretrained = "builtin:hopper_flow"
     if method.pretrain is not None:
         bc_dir = work_dir / f"{slug}_bc"
