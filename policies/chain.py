@@ -53,6 +53,43 @@ def gaussian_entropy(std: torch.Tensor) -> torch.Tensor:
     return 0.5 + _HALF_LOG_2PI + std.log()
 
 
+def score_chain(
+    policy: torch.nn.Module, obs: torch.Tensor, chain: torch.Tensor, stochastic: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-score a stored chain: the one implementation behind every policy's ``log_prob_and_entropy``.
+
+    Gathers the stochastic ``(b, k)`` pairs, runs ``policy.transition`` once on all of them (one
+    batched forward, not a loop over K), and scatters the element-wise log-probs and entropies back.
+
+    Args:
+        policy: has ``transition(x (P, H, A), k (P,), obs_norm (P, obs_dim)) -> (mean, std)``,
+            ``normalizer``, ``num_steps``, ``horizon``, ``action_dim``.
+        obs: ``(B, obs_dim)`` env units.
+        chain: ``(B, K+1, H, A)`` as sampled.
+        stochastic: ``(B, K)`` bool mask returned with the chain.
+
+    Returns:
+        ``(log_prob, entropy)``, each ``(B, K, H, A)``, zero at deterministic steps.
+    """
+    batch, k_plus_1 = chain.shape[:2]
+    if k_plus_1 != policy.num_steps + 1:
+        raise ValueError(f"chain has {k_plus_1 - 1} steps, policy has K={policy.num_steps}.")
+    if stochastic.shape != (batch, policy.num_steps) or stochastic.dtype != torch.bool:
+        raise ValueError(
+            f"stochastic must be a bool tensor of shape {(batch, policy.num_steps)}, "
+            f"got {stochastic.dtype} {tuple(stochastic.shape)}."
+        )
+    rows, steps = stochastic.nonzero(as_tuple=True)  # (P,) each
+    log_prob = chain.new_zeros(batch, policy.num_steps, policy.horizon, policy.action_dim)
+    entropy = torch.zeros_like(log_prob)
+    if rows.numel() == 0:
+        return log_prob, entropy
+    obs_norm = policy.normalizer.normalize_obs(obs)[rows]  # (P, obs_dim)
+    mean, std = policy.transition(chain[rows, steps], steps, obs_norm)  # (P, H, A) each
+    log_prob = log_prob.index_put((rows, steps), gaussian_log_prob(chain[rows, steps + 1], mean, std))
+    return log_prob, entropy.index_put((rows, steps), gaussian_entropy(std))
+
+
 def step_log_prob(log_prob: torch.Tensor, reduction: LogProbReduction) -> torch.Tensor:
     """``(B, K, H, A) -> (B, K)``: each transition's log-prob, summed or averaged over its H*A elements."""
     if reduction == "sum":

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from policies.chain import ChainSample, gaussian_entropy, gaussian_log_prob
+from policies.chain import ChainSample, gaussian_log_prob, score_chain
 from policies.mlp import SinusoidalEmbedding, mlp
 from policies.normalizer import Normalizer
 
@@ -424,31 +424,13 @@ class DiffusionPolicy(nn.Module):
         Returns:
             ``(log_prob, entropy)``, each ``(B, K, H, A)`` element-wise, zero where ``stochastic`` is False.
         """
-        batch, k_plus_1 = chain.shape[:2]
-        if k_plus_1 != self.num_steps + 1:
-            raise ValueError(f"chain has {k_plus_1 - 1} steps, policy has K={self.num_steps}.")
-        if stochastic.shape != (batch, self.num_steps) or stochastic.dtype != torch.bool:
-            raise ValueError(
-                f"stochastic must be a bool tensor of shape {(batch, self.num_steps)}, "
-                f"got {stochastic.dtype} {tuple(stochastic.shape)}."
-            )
-        b_idx, k_idx = stochastic.nonzero(as_tuple=True)  # (P,) each
-        if (k_idx < self.num_steps - sum(self._step_is_stochastic)).any():
+        first_tuned = self.num_steps - sum(self._step_is_stochastic)
+        if stochastic.ndim == 2 and stochastic[:, :first_tuned].any():
             raise ValueError(
                 f"stochastic marks a step before the {sum(self._step_is_stochastic)} fine-tuned ones; "
                 "those steps run the frozen base network and have no likelihood."
             )
-        out_shape = (batch, self.num_steps, self.horizon, self.action_dim)
-        log_prob = chain.new_zeros(out_shape)
-        entropy = chain.new_zeros(out_shape)
-        if b_idx.numel() == 0:
-            return log_prob, entropy
-        obs_norm = self.normalizer.normalize_obs(obs)[b_idx]  # (P, obs_dim)
-        mean, std = self.transition(chain[b_idx, k_idx], k_idx, obs_norm)  # (P, H, A) each
-        pair_log_prob = gaussian_log_prob(chain[b_idx, k_idx + 1], mean, std)
-        return log_prob.index_put((b_idx, k_idx), pair_log_prob), entropy.index_put(
-            (b_idx, k_idx), gaussian_entropy(std)
-        )
+        return score_chain(self, obs, chain, stochastic)
 
     def pretrain_loss(self, obs: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
         """ε-prediction MSE on ``model``. ``obs (B, obs_dim)``, ``actions (B, H, A)`` env units.

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from policies.chain import ChainSample, gaussian_entropy, gaussian_log_prob
+from policies.chain import ChainSample, gaussian_log_prob, score_chain
 from policies.mlp import SinusoidalEmbedding, mlp
 from policies.noise import SCHEMES, FlowNoiseConfig, StepInputs
 from policies.normalizer import Normalizer
@@ -220,17 +220,7 @@ class FlowPolicy(nn.Module):
         Returns:
             ``(log_prob, entropy)``, each ``(B, K, H, A)`` element-wise, zero at deterministic steps.
         """
-        batch, k_plus_1 = chain.shape[:2]
-        if k_plus_1 != self.num_steps + 1:
-            raise ValueError(f"chain has {k_plus_1 - 1} steps, policy has K={self.num_steps}.")
-        rows, steps = stochastic.nonzero(as_tuple=True)  # (N,), (N,): the stochastic (chain, step) pairs
-        obs_norm = self.normalizer.normalize_obs(obs)[rows]  # (N, obs_dim)
-        mean, std = self.transition(chain[rows, steps], steps, obs_norm)  # (N, H, A) each
-        log_prob = torch.zeros(batch, self.num_steps, self.horizon, self.action_dim, device=chain.device)
-        entropy = torch.zeros_like(log_prob)
-        log_prob = log_prob.index_put((rows, steps), gaussian_log_prob(chain[rows, steps + 1], mean, std))
-        entropy = entropy.index_put((rows, steps), gaussian_entropy(std))
-        return log_prob, entropy
+        return score_chain(self, obs, chain, stochastic)
 
     def pretrain_loss(self, obs: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
         """Rectified-flow matching loss (plus, for a shortcut model, the self-consistency loss).

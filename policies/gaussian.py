@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from policies.chain import ChainSample, gaussian_entropy, gaussian_log_prob
+from policies.chain import ChainSample, gaussian_log_prob, score_chain
 from policies.mlp import mlp
 from policies.normalizer import Normalizer
 
@@ -94,13 +94,7 @@ class GaussianPolicy(nn.Module):
         self, obs: torch.Tensor, chain: torch.Tensor, stochastic: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log_prob, entropy)``, each ``(B, 1, H, A)``, of the chunk ``chain[:, 1]``; zero where not stochastic."""
-        if chain.shape[1] != 2:
-            raise ValueError(f"chain has {chain.shape[1] - 1} steps, a Gaussian policy has K=1.")
-        mean, std = self.transition(
-            chain[:, 0], stochastic.new_zeros(len(chain), dtype=torch.long), self.normalizer.normalize_obs(obs)
-        )
-        mask = stochastic[:, :, None, None]  # (B, 1, 1, 1)
-        return gaussian_log_prob(chain[:, 1], mean, std)[:, None] * mask, gaussian_entropy(std)[:, None] * mask
+        return score_chain(self, obs, chain, stochastic)
 
     def pretrain_loss(self, obs: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
         """Behaviour cloning of the mean: MSE in normalised action units. ``actions (B, H, A)`` env units."""

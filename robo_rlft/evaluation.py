@@ -12,6 +12,7 @@ import torch
 
 from envs import make_env, make_vector_env, step_info_value
 from policies.checkpoint import save_policy
+from robo_rlft.metrics import MetricLogger
 from robo_rlft.stats import mean_ci95, wilson_ci95
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,12 @@ class BestPolicyTracker:
         if result["return_mean"] > self.best_return:
             self.best_return = result["return_mean"]
             save_policy(policy, self.run_dir / "best", {**self.metadata, "iteration": iteration})
+        return result
+
+    def log_start(self, policy: torch.nn.Module, metrics: MetricLogger) -> dict[str, Any]:
+        """Iteration 0: evaluate the pretrained policy, so the learning curve starts where fine-tuning does."""
+        result = self.evaluate(policy, 0)
+        metrics.log(0, {"iteration": 0, "env_steps": 0, **eval_metrics(result)})
         return result
 
 

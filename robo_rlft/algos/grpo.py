@@ -288,9 +288,7 @@ def train_grpo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: boo
         run_dir, cfg.env.name, cfg.env.act_steps, algo.eval_episodes, device, policy_metadata, best_return
     )
     if start_iteration == 0:
-        # Iteration 0 is the pretrained policy: the curve starts where fine-tuning starts.
-        last_eval = tracker.evaluate(policy, 0)
-        metrics.log(0, {"iteration": 0, "env_steps": 0, **eval_metrics(last_eval)})
+        last_eval = tracker.log_start(policy, metrics)
 
     if optim_state is not None:
         torch.set_rng_state(optim_state["torch_rng"])  # last: nothing may draw random numbers after it
