@@ -19,11 +19,29 @@ LOCOMOTION: dict[str, tuple[str, str, int]] = {
 ENV_IDS: dict[str, str] = {name: env_id for name, (env_id, _, _) in LOCOMOTION.items()}
 
 
+def tabletop_env_ids() -> dict[str, str]:
+    """Tabletop task name -> its id ``robo_rlft/Tabletop-<Task>-v0``."""
+    from envs.tabletop.tasks import TASKS
+
+    return {name: f"robo_rlft/Tabletop-{name}-v0" for name in TASKS}
+
+
 def register_envs() -> None:
     """Register every env under ``robo_rlft/`` (idempotent)."""
     for env_id, entry_point, max_steps in LOCOMOTION.values():
         if env_id not in gym.registry:
             gym.register(id=env_id, entry_point=entry_point, max_episode_steps=max_steps)
+    from envs.tabletop.tasks import TASKS
+
+    for name, env_id in tabletop_env_ids().items():
+        if env_id not in gym.registry:
+            # The env truncates at the task horizon itself; the TimeLimit agrees with it.
+            gym.register(
+                id=env_id,
+                entry_point="envs.tabletop.env:TabletopEnv",
+                kwargs={"task": name},
+                max_episode_steps=TASKS[name].horizon,
+            )
 
 
 def resolve_env_id(name: str) -> str:
