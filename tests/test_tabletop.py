@@ -225,3 +225,24 @@ def test_every_tabletop_task_is_registered_and_makes():
             assert env.spec.max_episode_steps == env.unwrapped.task.horizon, name
         finally:
             env.close()
+
+
+def test_every_tabletop_task_passes_stable_baselines3_check_env():
+    import warnings
+
+    import gymnasium as gym
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    import envs
+    from envs.registry import tabletop_env_ids
+
+    envs.register_envs()
+    for name, env_id in tabletop_env_ids().items():
+        env = gym.make(env_id).unwrapped
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                sb3_check_env(env, warn=True)
+            assert not caught, f"{name}: {[str(w.message) for w in caught]}"
+        finally:
+            env.close()
