@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 
 # Short config name -> (our id, entry point, max episode steps). Locomotion uses Gymnasium's
 # MuJoCo v5 tasks unchanged; registering them under our namespace gives every env one naming scheme.
@@ -45,15 +46,44 @@ def register_envs() -> None:
 
 
 def resolve_env_id(name: str) -> str:
-    """Map a short name (``hopper``) or a full id (``robo_rlft/Hopper-v5``) to the registered id."""
+    """Map a short name (``hopper``) or a full id (``robo_rlft/Hopper-v5``,
+    ``robo_rlft/Tabletop-LiftCube-v0``) to the registered id."""
     if name in ENV_IDS:
         return ENV_IDS[name]
-    if name in ENV_IDS.values():
+    if name in ENV_IDS.values() or name in tabletop_env_ids().values():
         return name
-    raise ValueError(f"Unknown env {name!r}. Allowed: {sorted(ENV_IDS)} (or their ids {sorted(ENV_IDS.values())}).")
+    raise ValueError(
+        f"Unknown env {name!r}. Allowed: {sorted(ENV_IDS)}, their ids {sorted(ENV_IDS.values())}, "
+        f"or a tabletop id {sorted(tabletop_env_ids().values())}."
+    )
+
+
+class StateVectorObservation(gym.ObservationWrapper):
+    """Dict observations (``state``, ``object_state``, images) -> the flat state vector
+    ``[state, object_state]`` that state-based policies take; images are dropped."""
+
+    KEYS = ("state", "object_state")
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        spaces = [env.observation_space[key] for key in self.KEYS if key in env.observation_space.spaces]
+        self.observation_space = gym.spaces.Box(
+            low=np.concatenate([sp.low for sp in spaces]).astype(np.float32),
+            high=np.concatenate([sp.high for sp in spaces]).astype(np.float32),
+            dtype=np.float32,
+        )
+
+    def observation(self, observation: dict[str, np.ndarray]) -> np.ndarray:
+        return np.concatenate([observation[key] for key in self.KEYS if key in observation]).astype(np.float32)
 
 
 def make_env(name: str, **kwargs: Any) -> gym.Env:
-    """Create one (un-chunked) environment by short name or id; ``kwargs`` go to ``gym.make``."""
+    """Create one (un-chunked) environment by short name or id; ``kwargs`` go to ``gym.make``.
+
+    Envs with Dict observations (tabletop) come wrapped in :class:`StateVectorObservation`.
+    """
     register_envs()
-    return gym.make(resolve_env_id(name), **kwargs)
+    env = gym.make(resolve_env_id(name), **kwargs)
+    if isinstance(env.observation_space, gym.spaces.Dict):
+        env = StateVectorObservation(env)
+    return env

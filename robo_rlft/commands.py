@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from envs import make_env
+from envs import make_env, resolve_env_id
 from policies.checkpoint import load_policy, read_checkpoint_config, save_policy
 from policies.registry import policy_classes
 from robo_rlft.checkpointing import latest_checkpoint
@@ -113,24 +113,24 @@ def _new_policy(cfg: Config, obs_dim: int, action_dim: int) -> torch.nn.Module:
 def collect(cfg: Config, overrides: list[str]) -> None:
     """Train (or load) an SB3 expert for ``env`` and record ``collect.episodes`` demonstrations."""
     from robo_rlft.data import save_dataset
-    from robo_rlft.expert import Expert, rollout_expert, train_expert
+    from robo_rlft.expert import Expert, rollout_expert, rollout_scripted_expert, train_expert
 
     _seed_everything(cfg)
     run_dir = _setup(cfg, "collect")
-    expert_dir = Path(cfg.collect.expert) if cfg.collect.expert else None
-    if expert_dir is None:
-        expert_dir = train_expert(
-            cfg.env.name, cfg.collect.expert_steps, run_dir / "expert", seed=cfg.seed, progress=cfg.progress
+    if cfg.env.name == "tabletop":  # scripted experts: nothing to train
+        dataset = rollout_scripted_expert(
+            cfg.env.env_id, cfg.collect.episodes, cfg.collect.action_noise, seed=cfg.seed, progress=cfg.progress
         )
-    expert = Expert.load(expert_dir, env_name=cfg.env.name)
-    dataset = rollout_expert(
-        expert,
-        cfg.env.name,
-        cfg.collect.episodes,
-        cfg.collect.action_noise,
-        seed=cfg.seed,
-        progress=cfg.progress,
-    )
+    else:
+        expert_dir = Path(cfg.collect.expert) if cfg.collect.expert else None
+        if expert_dir is None:
+            expert_dir = train_expert(
+                cfg.env.name, cfg.collect.expert_steps, run_dir / "expert", seed=cfg.seed, progress=cfg.progress
+            )
+        expert = Expert.load(expert_dir, env_name=cfg.env.name)
+        dataset = rollout_expert(
+            expert, cfg.env.name, cfg.collect.episodes, cfg.collect.action_noise, seed=cfg.seed, progress=cfg.progress
+        )
     path = save_dataset(dataset, run_dir / "dataset.npz")
     returns = dataset.episode_returns()
     summary = {
@@ -155,21 +155,23 @@ def pretrain(cfg: Config, overrides: list[str]) -> None:
         raise ValueError("pretrain.dataset is required: pass pretrain.dataset=PATH (made by `robo-rlft collect`).")
     dataset = load_dataset(cfg.pretrain.dataset)
     data_env = dataset.meta.get("env")
-    if data_env is not None and data_env != cfg.env.name:
-        raise ValueError(f"Dataset was recorded on env {data_env!r} but env={cfg.env.name!r}; pass env={data_env}.")
-    obs_dim, action_dim = _env_dims(cfg.env.name)
+    if data_env is not None and resolve_env_id(data_env) != resolve_env_id(cfg.env.env_id):
+        raise ValueError(f"Dataset was recorded on env {data_env!r} but the config's env is {cfg.env.env_id!r}.")
+    obs_dim, action_dim = _env_dims(cfg.env.env_id)
     if (dataset.obs_dim, dataset.act_dim) != (obs_dim, action_dim):
         raise ValueError(
-            f"Dataset dims (obs {dataset.obs_dim}, action {dataset.act_dim}) do not match env {cfg.env.name!r} "
+            f"Dataset dims (obs {dataset.obs_dim}, action {dataset.act_dim}) do not match env {cfg.env.env_id!r} "
             f"(obs {obs_dim}, action {action_dim})."
         )
     run_dir = _setup(cfg, "pretrain")
     policy = pretrain_bc(cfg, run_dir, _new_policy(cfg, obs_dim, action_dim), dataset)
-    metadata = {"env": cfg.env.name, "act_steps": cfg.env.act_steps, "trained_by": "robo-rlft pretrain",
+    metadata = {"env": cfg.env.env_id, "act_steps": cfg.env.act_steps, "trained_by": "robo-rlft pretrain",
                 "dataset": str(cfg.pretrain.dataset)}  # fmt: skip
     save_policy(policy, run_dir / "final", metadata, include_noise=False)
     if cfg.pretrain.eval_episodes:
-        result = evaluate_policy(policy, cfg.env.name, cfg.pretrain.eval_episodes, cfg.env.act_steps, device=cfg.device)
+        result = evaluate_policy(
+            policy, cfg.env.env_id, cfg.pretrain.eval_episodes, cfg.env.act_steps, device=cfg.device
+        )
         _write_eval(run_dir, result)
 
 
@@ -204,7 +206,7 @@ def finetune(cfg: Config, overrides: list[str]) -> None:
                 f"No pretrained policy for env={cfg.env.name!r}: pass policy.pretrained=PATH (a checkpoint from "
                 f"`robo-rlft pretrain`). Built-in checkpoints exist for {sorted(BUILTIN_FOR_ENV)}."
             )
-        obs_dim, action_dim = _env_dims(cfg.env.name)
+        obs_dim, action_dim = _env_dims(cfg.env.env_id)
         policy, _ = load_policy(resolve_checkpoint(pretrained), cfg.policy.name, obs_dim, action_dim)
         # The exploration settings are a fine-tuning choice: the config's apply to the loaded policy.
         policy = policy.configure_finetuning(cfg.policy)
@@ -246,7 +248,7 @@ def evaluate(cfg: Config, overrides: list[str]) -> None:
     checkpoint = resolve_checkpoint(cfg.eval.checkpoint)
     policy, metadata = load_policy(checkpoint)
     run_dir = _setup(cfg, "eval")
-    env_name = metadata.get("env", cfg.env.name)
+    env_name = metadata.get("env", cfg.env.env_id)
     act_steps = metadata.get("act_steps", cfg.env.act_steps)
     policy.to(cfg.device)
     result = evaluate_policy(policy, env_name, cfg.eval.episodes, act_steps, cfg.eval.num_envs, device=cfg.device)

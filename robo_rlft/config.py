@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from envs import ENV_IDS
+from envs.registry import tabletop_env_ids
 from policies.chain import LOG_PROB_REDUCTIONS
 from policies.critic import CriticConfig
 from policies.diffusion import DiffusionPolicyConfig
@@ -40,20 +41,31 @@ class EnvConfig:
     """Which environment, and how rollouts execute action chunks.
 
     Attributes:
-        name: registered env name (see ``envs.ENV_IDS``).
+        name: registered env name (see ``envs.ENV_IDS``), or ``tabletop``.
+        task: the tabletop task (``envs.tabletop.tasks.TASKS``); only with ``name=tabletop``.
         num_envs: parallel envs for RL rollouts.
         act_steps: actions executed per chunk (the chunk horizon H is ``policy.horizon``).
         asynchronous: AsyncVectorEnv instead of Sync (only pays off for expensive steps).
     """
 
     name: str = "hopper"
+    task: str | None = None
     num_envs: int = 16
     act_steps: int = 4
     asynchronous: bool = False
 
     def __post_init__(self) -> None:
-        _check_choice("env.name", self.name, sorted(ENV_IDS))
+        _check_choice("env.name", self.name, [*sorted(ENV_IDS), "tabletop"])
         _check_positive("env", self, "num_envs", "act_steps")
+        if self.name == "tabletop":
+            _check_choice("env.task", self.task, sorted(tabletop_env_ids()))
+        elif self.task is not None:
+            raise ValueError(f"env.task={self.task!r} only applies to env=tabletop, not env={self.name}.")
+
+    @property
+    def env_id(self) -> str:
+        """What ``envs.make_env`` takes: the short name, or the tabletop task's registered id."""
+        return tabletop_env_ids()[self.task] if self.name == "tabletop" else self.name
 
 
 @dataclass

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 
@@ -33,7 +34,8 @@ def evaluate_policy(
     Episodes run in batches of ``num_envs``; episode ``i`` uses reset seed ``seed + i`` and the
     sampler's noise comes from a generator seeded with ``seed``, so two evaluations with the same
     seed are identical, and evaluating never moves the training RNG. The default seed range is far
-    from training seeds.
+    from training seeds. Envs that define fixed evaluation init states (``num_fixed_init_states``,
+    the tabletop tasks) are evaluated on them instead: episode ``i`` starts from fixed state ``i``.
 
     Returns:
         ``return_mean``, ``return_ci95`` (t-interval half-width), ``success_rate`` and
@@ -46,10 +48,14 @@ def evaluate_policy(
     has_success = False
     envs = make_vector_env(env_name, min(num_envs, num_episodes), policy.horizon, act_steps)
     generator = torch.Generator(device=device).manual_seed(seed)
+    # LIBERO-style envs define fixed evaluation init states: episode i then starts from state i.
+    fixed_states = _fixed_init_states(envs)
+    options = {"fixed_init_state": True} if fixed_states else None
+    first_seed = 0 if fixed_states else seed
     try:
         for start in range(0, num_episodes, envs.num_envs):
             n = min(envs.num_envs, num_episodes - start)
-            obs, _ = envs.reset(seed=[seed + start + i for i in range(envs.num_envs)])
+            obs, _ = envs.reset(seed=[first_seed + start + i for i in range(envs.num_envs)], options=options)
             ep_return = np.zeros(envs.num_envs)
             ep_length = np.zeros(envs.num_envs, dtype=np.int64)
             ep_success = np.zeros(envs.num_envs, dtype=bool)
@@ -88,6 +94,14 @@ def evaluate_policy(
         rate, lo, hi = wilson_ci95(int(np.sum(successes)), len(successes))
         result.update(success_rate=rate, success_ci95=[lo, hi])
     return result
+
+
+def _fixed_init_states(envs: gym.vector.VectorEnv) -> int:
+    """How many fixed evaluation init states the env defines (0 if none)."""
+    try:
+        return int(envs.get_attr("num_fixed_init_states")[0])
+    except AttributeError:
+        return 0
 
 
 def eval_metrics(result: dict[str, Any]) -> dict[str, float]:

@@ -246,3 +246,34 @@ def test_every_tabletop_task_passes_stable_baselines3_check_env():
             assert not caught, f"{name}: {[str(w.message) for w in caught]}"
         finally:
             env.close()
+
+
+def test_cli_collects_pretrains_finetunes_and_evaluates_on_tabletop(tmp_path):
+    """``env=tabletop env.task=...`` end to end: scripted demos -> BC -> PPO -> evaluation on the
+    fixed init states, with success rates reported."""
+    import json
+
+    from robo_rlft.cli import main
+    from robo_rlft.data import load_dataset
+
+    task = ["env=tabletop", "env.task=LiftCube", "progress=false"]
+    assert main(["collect", "collect.episodes=3", "collect.action_noise=0", f"run_dir={tmp_path / 'c'}", *task]) == 0
+    dataset = load_dataset(tmp_path / "c" / "dataset.npz")
+    assert dataset.meta["env"] == "robo_rlft/Tabletop-LiftCube-v0" and dataset.meta["success_rate"] == 1.0
+    assert dataset.obs_dim == 8 + 7 and dataset.act_dim == 7  # state + the cube's pose; delta-EE actions
+    pretrain = ["pretrain", f"pretrain.dataset={tmp_path / 'c' / 'dataset.npz'}", "pretrain.gradient_steps=20"]
+    small = ["policy.hidden_dims=[32,32]", "policy.noise.hidden_dims=[16]", "policy.critic.hidden_dims=[32]"]
+    assert main([*pretrain, "pretrain.eval_episodes=2", f"run_dir={tmp_path / 'p'}", *task, *small]) == 0
+    finetune = ["finetune", f"policy.pretrained={tmp_path / 'p' / 'final'}", f"run_dir={tmp_path / 'f'}"]
+    budget = ["algo.iterations=1", "algo.steps_per_iteration=10", "env.num_envs=2", "algo.eval_episodes=2"]
+    assert main([*finetune, *budget, *task, *small]) == 0
+    result = json.loads((tmp_path / "f" / "eval.json").read_text())
+    assert result["episodes"] == 2 and result["success_rate"] is not None and len(result["success_ci95"]) == 2
+
+
+def test_tabletop_config_requires_a_known_task(capsys):
+    from robo_rlft.cli import main
+
+    assert main(["finetune", "env=tabletop", "env.task=StackCubes"]) == 2
+    assert "env.task='StackCubes'" in capsys.readouterr().err
+    assert main(["finetune", "env=hopper", "env.task=LiftCube"]) == 2

@@ -62,6 +62,9 @@ class TabletopEnv(gym.Env):
     without it the initial state is drawn from ``self.np_random``.
     """
 
+    # Fixed evaluation init states (LIBERO-style); ``robo_rlft.evaluation`` evaluates on them.
+    num_fixed_init_states = NUM_EVAL_INIT_STATES
+
     metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"], "render_fps": round(1.0 / CONTROL_DT)}
 
     def __init__(
@@ -141,6 +144,11 @@ class TabletopEnv(gym.Env):
         super().reset(seed=seed)
         options = options or {}
         init_state = options.get("init_state")
+        if init_state is None and options.get("fixed_init_state"):
+            # Vector envs share one options dict: the per-env seed then picks the fixed state.
+            if seed is None:
+                raise ValueError("reset: options['fixed_init_state'] needs a seed (the fixed state's index).")
+            init_state = seed % NUM_EVAL_INIT_STATES
         if init_state is None:
             layout = self.task.sample_init(self.np_random)
         else:

@@ -271,21 +271,21 @@ def train_grpo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: boo
         logger.info("Resumed %s at iteration %d (%d env steps).", run_dir, start_iteration, env_steps)
     if cfg.env.act_steps > policy.horizon:
         raise ValueError(f"env.act_steps={cfg.env.act_steps} exceeds the policy's horizon {policy.horizon}.")
-    envs = make_vector_env(cfg.env.name, num_envs, policy.horizon, cfg.env.act_steps, cfg.env.asynchronous)
+    envs = make_vector_env(cfg.env.env_id, num_envs, policy.horizon, cfg.env.act_steps, cfg.env.asynchronous)
     policy.to(device).train()
     optimizer = torch.optim.Adam(policy.parameters(), lr=algo.actor_lr)  # no critic: the group is the baseline
     if optim_state is not None:
         optimizer.load_state_dict(optim_state["actor_optimizer"])
     metrics = MetricLogger(run_dir, resume=resume, resume_iteration=start_iteration if resume else None)
     policy_metadata = {
-        "env": cfg.env.name,
+        "env": cfg.env.env_id,
         "act_steps": cfg.env.act_steps,
         "trained_by": "robo-rlft finetune",
     }
     last_eval: dict[str, Any] = {}
 
     tracker = BestPolicyTracker(
-        run_dir, cfg.env.name, cfg.env.act_steps, algo.eval_episodes, device, policy_metadata, best_return
+        run_dir, cfg.env.env_id, cfg.env.act_steps, algo.eval_episodes, device, policy_metadata, best_return
     )
     if start_iteration == 0:
         last_eval = tracker.log_start(policy, metrics)

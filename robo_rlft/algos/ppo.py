@@ -171,14 +171,14 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
         critic.load_state_dict(loaded["critic_state"])
     if cfg.env.act_steps > policy.horizon:
         raise ValueError(f"env.act_steps={cfg.env.act_steps} exceeds the policy's horizon {policy.horizon}.")
-    envs = make_vector_env(cfg.env.name, num_envs, policy.horizon, cfg.env.act_steps, cfg.env.asynchronous)
+    envs = make_vector_env(cfg.env.env_id, num_envs, policy.horizon, cfg.env.act_steps, cfg.env.asynchronous)
     obs_dim = policy.obs_dim
     base_policy = None
     if algo.bc_coef > 0:
         # The frozen pretrained policy lives in the run directory, so a resumed run regularises
         # toward the same policy as the original one.
         if not resume:
-            save_policy(policy, run_dir / BASE_POLICY_DIR, {"env": cfg.env.name, "role": "bc regulariser base"})
+            save_policy(policy, run_dir / BASE_POLICY_DIR, {"env": cfg.env.env_id, "role": "bc regulariser base"})
         base_policy = load_policy(run_dir / BASE_POLICY_DIR)[0].to(device).eval().requires_grad_(False)
     policy.to(device).train()
     critic.to(device).train()
@@ -197,7 +197,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
         critic_scheduler.load_state_dict(optim_state["critic_scheduler"])
     metrics = MetricLogger(run_dir, resume=resume, resume_iteration=start_iteration if resume else None)
     policy_metadata = {
-        "env": cfg.env.name,
+        "env": cfg.env.env_id,
         "act_steps": cfg.env.act_steps,
         "trained_by": "robo-rlft finetune",
     }
@@ -221,7 +221,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
     end_buf = torch.zeros(num_steps, num_envs)
 
     tracker = BestPolicyTracker(
-        run_dir, cfg.env.name, cfg.env.act_steps, algo.eval_episodes, device, policy_metadata, best_return
+        run_dir, cfg.env.env_id, cfg.env.act_steps, algo.eval_episodes, device, policy_metadata, best_return
     )
     if start_iteration == 0:
         last_eval = tracker.log_start(policy, metrics)
