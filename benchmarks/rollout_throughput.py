@@ -417,10 +417,15 @@ def main(argv: list[str] | None = None) -> None:
             "",
         ]
     )
+    write_report(report, args.out)
+
+
+def write_report(report: str, out: Path) -> None:
+    """Print the markdown report and write it to ``out``."""
     print(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
-    print(f"wrote {args.out}", file=sys.stderr)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 # Sibling benchmark script (importable because this one runs as a script from benchmarks/).
-from rollout_throughput import load_average, machine_info, spread
+from rollout_throughput import load_average, machine_info, spread, write_report
 
 from envs import make_env
 from policies.checkpoint import load_policy
@@ -403,10 +403,7 @@ def main(argv: list[str] | None = None) -> None:
             "",
         ]
     )
-    print(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
-    print(f"wrote {args.out}", file=sys.stderr)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

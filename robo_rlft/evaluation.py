@@ -13,6 +13,7 @@ import torch
 
 from envs import make_env, make_vector_env, step_info_value
 from policies.checkpoint import save_policy
+from robo_rlft.config import Config
 from robo_rlft.metrics import MetricLogger
 from robo_rlft.stats import mean_ci95, wilson_ci95
 
@@ -129,6 +130,14 @@ class BestPolicyTracker:
         self.run_dir, self.env_name, self.act_steps = run_dir, env_name, act_steps
         self.episodes, self.device, self.metadata = episodes, device, metadata
         self.best_return = best_return
+
+    @classmethod
+    def for_finetune(
+        cls, cfg: Config, run_dir: Path, device: str | torch.device, best_return: float = -math.inf
+    ) -> BestPolicyTracker:
+        """The tracker of a fine-tuning run; its ``metadata`` also labels the run's other checkpoints."""
+        metadata = {"env": cfg.env.env_id, "act_steps": cfg.env.act_steps, "trained_by": "robo-rlft finetune"}
+        return cls(run_dir, cfg.env.env_id, cfg.env.act_steps, cfg.algo.eval_episodes, device, metadata, best_return)
 
     def evaluate(self, policy: torch.nn.Module, iteration: int) -> dict[str, Any]:
         """Evaluate; if it beats the best return so far, save ``policy`` to ``run_dir/best``."""

@@ -277,16 +277,9 @@ def train_grpo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: boo
     if optim_state is not None:
         optimizer.load_state_dict(optim_state["actor_optimizer"])
     metrics = MetricLogger(run_dir, resume=resume, resume_iteration=start_iteration if resume else None)
-    policy_metadata = {
-        "env": cfg.env.env_id,
-        "act_steps": cfg.env.act_steps,
-        "trained_by": "robo-rlft finetune",
-    }
     last_eval: dict[str, Any] = {}
 
-    tracker = BestPolicyTracker(
-        run_dir, cfg.env.env_id, cfg.env.act_steps, algo.eval_episodes, device, policy_metadata, best_return
-    )
+    tracker = BestPolicyTracker.for_finetune(cfg, run_dir, device, best_return)
     if start_iteration == 0:
         last_eval = tracker.log_start(policy, metrics)
 
@@ -391,7 +384,7 @@ def train_grpo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: boo
                     None,  # critic-free
                     {"actor_optimizer": optimizer.state_dict()},
                     {"env_steps": env_steps, "best_return": tracker.best_return},
-                    policy_metadata,
+                    tracker.metadata,
                 )
             bar.advance(
                 f"it {iteration + 1} | steps {env_steps} | return {row['rollout/return_mean']:.0f}"
@@ -402,6 +395,6 @@ def train_grpo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: boo
         bar.close()
         envs.close()
         metrics.close()
-    save_policy(policy, run_dir / "final", {**policy_metadata, "iteration": algo.iterations})
+    save_policy(policy, run_dir / "final", {**tracker.metadata, "iteration": algo.iterations})
     metrics.plot(run_dir / "learning_curve.png")
     return last_eval

@@ -196,11 +196,6 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
         actor_scheduler.load_state_dict(optim_state["actor_scheduler"])
         critic_scheduler.load_state_dict(optim_state["critic_scheduler"])
     metrics = MetricLogger(run_dir, resume=resume, resume_iteration=start_iteration if resume else None)
-    policy_metadata = {
-        "env": cfg.env.env_id,
-        "act_steps": cfg.env.act_steps,
-        "trained_by": "robo-rlft finetune",
-    }
     last_eval: dict[str, Any] = {}
 
     def values_of(obs_np: np.ndarray) -> torch.Tensor:
@@ -220,9 +215,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
     next_value_buf = torch.zeros(num_steps, num_envs)
     end_buf = torch.zeros(num_steps, num_envs)
 
-    tracker = BestPolicyTracker(
-        run_dir, cfg.env.env_id, cfg.env.act_steps, algo.eval_episodes, device, policy_metadata, best_return
-    )
+    tracker = BestPolicyTracker.for_finetune(cfg, run_dir, device, best_return)
     if start_iteration == 0:
         last_eval = tracker.log_start(policy, metrics)
 
@@ -388,7 +381,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
                         "best_return": tracker.best_return,
                         "reward_scaler": reward_scaler.state_dict(),
                     },
-                    policy_metadata,
+                    tracker.metadata,
                 )
             bar.advance(
                 f"it {iteration + 1} | steps {env_steps} | return {row['rollout/return_mean']:.0f}"
@@ -398,6 +391,6 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
         bar.close()
         envs.close()
         metrics.close()
-    save_policy(policy, run_dir / "final", {**policy_metadata, "iteration": algo.iterations})
+    save_policy(policy, run_dir / "final", {**tracker.metadata, "iteration": algo.iterations})
     metrics.plot(run_dir / "learning_curve.png")
     return last_eval
