@@ -10,6 +10,9 @@ every epoch runs) and the default MLP widths of its family; only the policy and 
 - DPPO-DDPM: diffusion, K=20 posterior steps, the last 10 fine-tuned and scored (per-transition ratio);
 - DPPO-DDIM: diffusion, K=5 eta-DDIM steps, all scored (per-transition ratio).
 
+DPPO's update follows its denoising MDP: each stochastic transition is one PPO sample, so with the same
+``minibatch_size`` a DPPO epoch takes K' times as many minibatches (of single transitions) as a chain-ratio epoch.
+
 Policies are randomly initialised (the architecture, not the weights, sets the cost) with the built-in Hopper
 checkpoint's normalisation stats. Each iteration's cost is read from ``metrics.csv``: ``time_sim`` (``envs.step``),
 ``time_inference`` (``policy.sample`` + critic) and ``time_update`` (all epochs x minibatches). The iteration-0
@@ -107,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--minibatch-size",
         type=int,
         default=ppo_defaults.minibatch_size,
-        help="algo.minibatch_size, chains per minibatch (default: %(default)s)",
+        help="algo.minibatch_size, PPO samples (chains, or DPPO transitions) per minibatch (default: %(default)s)",
     )
     parser.add_argument(
         "--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES), metavar="SCHEME", help="default: all"
@@ -377,16 +380,18 @@ def main(argv: list[str] | None = None) -> None:
             f"- load average (1/5/15 min) before / after: {load_before} → {load_average()}",
             "",
             f"Env `{ENV}`; every scheme: {args.num_envs} envs × {args.steps_per_iteration} chunk steps (H=4, all 4 "
-            f"executed) = {chains:,} chains per iteration; update {args.update_epochs} epochs × {minibatches} "
-            f"minibatches of {min(args.minibatch_size, chains)} chains (`algo.target_kl=null`: all epochs run), "
-            "critic updated alongside. Default MLP widths of each family (velocity / ε-net [256, 256, 256], "
+            f"executed) = {chains:,} chains per iteration; update {args.update_epochs} epochs of minibatches of "
+            f"{args.minibatch_size} PPO samples (`algo.target_kl=null`: all epochs run), critic updated alongside. "
+            "Default MLP widths of each family (velocity / ε-net [256, 256, 256], "
             "noise head [128, 128], critic default), random weights, built-in Hopper normalisation stats. Per "
             f"iteration: `time_sim + time_inference + time_update` from `metrics.csv`; {measured} measured "
             f"iteration(s) per run after {WARMUP_ITERATIONS} warm-up, {args.repeats} interleaved run(s) per "
             "scheme; figures are median (min–max) over all measured iterations. The iteration's untimed glue "
             "(env reset, buffer copies, GAE) and the final evaluation / checkpoint are not included. DPPO rows use "
-            "`algo.ratio_unit=transition`; a minibatch holds the same number of *chains* for every scheme, so a "
-            "DPPO-DDPM minibatch scores 10 transitions per chain where ReinFlow scores 4.",
+            "`algo.ratio_unit=transition` and minibatch as DPPO does: a PPO sample is one stochastic denoising "
+            f"transition, so DPPO-DDPM's {chains:,} chains give {10 * chains:,} samples and "
+            f"{-(-10 * chains // args.minibatch_size)} minibatches per epoch, where a chain-ratio scheme has "
+            f"{minibatches} minibatches of {min(args.minibatch_size, chains)} whole chains.",
             "",
             "Columns: *forwards sampled* = ε / velocity network calls per sampled chunk (DDPM's frozen-base "
             "steps included); *transitions scored* = stochastic transitions per chain, each re-scored by one forward "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import gymnasium as gym
@@ -12,9 +13,14 @@ from envs.registry import make_env
 
 
 def make_vector_env(
-    name: str, num_envs: int, horizon: int, act_steps: int, asynchronous: bool = False
+    name: str,
+    num_envs: int,
+    horizon: int,
+    act_steps: int,
+    asynchronous: bool = False,
+    env_kwargs: Mapping[str, Any] | None = None,
 ) -> gym.vector.VectorEnv:
-    """``num_envs`` chunked copies of env ``name``.
+    """``num_envs`` chunked copies of env ``name``, each made with ``make_env(name, **env_kwargs)``.
 
     Autoreset is SAME_STEP: when a sub-env ends, the returned observation is already the reset one
     and the true last observation is in ``info["final_obs"]`` (with ``info["_final_obs"]`` as mask),
@@ -25,7 +31,7 @@ def make_vector_env(
         raise ValueError(f"num_envs must be >= 1, got {num_envs}.")
 
     def thunk() -> gym.Env:
-        return ChunkedEnv(make_env(name), horizon=horizon, act_steps=act_steps)
+        return ChunkedEnv(make_env(name, **(env_kwargs or {})), horizon=horizon, act_steps=act_steps)
 
     cls = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
     return cls([thunk] * num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)

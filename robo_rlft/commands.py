@@ -96,8 +96,8 @@ def resolve_checkpoint(path: str) -> Path:
     return candidate
 
 
-def _env_dims(env_name: str) -> tuple[int, int]:
-    env = make_env(env_name)
+def _env_dims(env_name: str, env_kwargs: dict | None = None) -> tuple[int, int]:
+    env = make_env(env_name, **(env_kwargs or {}))
     try:
         return env.observation_space.shape[0], env.action_space.shape[0]
     finally:
@@ -119,7 +119,12 @@ def collect(cfg: Config, overrides: list[str]) -> None:
     run_dir = _setup(cfg, "collect")
     if cfg.env.name == "tabletop":  # scripted experts: nothing to train
         dataset = rollout_scripted_expert(
-            cfg.env.env_id, cfg.collect.episodes, cfg.collect.action_noise, seed=cfg.seed, progress=cfg.progress
+            cfg.env.env_id,
+            cfg.collect.episodes,
+            cfg.collect.action_noise,
+            seed=cfg.seed,
+            progress=cfg.progress,
+            env_kwargs=cfg.env.make_kwargs(cameras=True),
         )
     else:
         expert_dir = Path(cfg.collect.expert) if cfg.collect.expert else None
@@ -148,7 +153,7 @@ def pretrain(cfg: Config, overrides: list[str]) -> None:
     """Behaviour-clone ``policy`` on ``pretrain.dataset``; writes ``final/`` and ``eval.json``."""
     from robo_rlft.algos.bc import pretrain_bc
     from robo_rlft.data import load_dataset
-    from robo_rlft.evaluation import evaluate_policy
+    from robo_rlft.evaluation import evaluate_policy, policy_metadata
 
     _seed_everything(cfg)
     if not cfg.pretrain.dataset:
@@ -157,7 +162,7 @@ def pretrain(cfg: Config, overrides: list[str]) -> None:
     data_env = dataset.meta.get("env")
     if data_env is not None and resolve_env_id(data_env) != resolve_env_id(cfg.env.env_id):
         raise ValueError(f"Dataset was recorded on env {data_env!r} but the config's env is {cfg.env.env_id!r}.")
-    obs_dim, action_dim = _env_dims(cfg.env.env_id)
+    obs_dim, action_dim = _env_dims(cfg.env.env_id, cfg.env.make_kwargs())
     if (dataset.obs_dim, dataset.act_dim) != (obs_dim, action_dim):
         raise ValueError(
             f"Dataset dims (obs {dataset.obs_dim}, action {dataset.act_dim}) do not match env {cfg.env.env_id!r} "
@@ -165,12 +170,16 @@ def pretrain(cfg: Config, overrides: list[str]) -> None:
         )
     run_dir = _setup(cfg, "pretrain")
     policy = pretrain_bc(cfg, run_dir, _new_policy(cfg, obs_dim, action_dim), dataset)
-    metadata = {"env": cfg.env.env_id, "act_steps": cfg.env.act_steps, "trained_by": "robo-rlft pretrain",
-                "dataset": str(cfg.pretrain.dataset)}  # fmt: skip
+    metadata = {**policy_metadata(cfg, "robo-rlft pretrain"), "dataset": str(cfg.pretrain.dataset)}
     save_policy(policy, run_dir / "final", metadata, include_noise=False)
     if cfg.pretrain.eval_episodes:
         result = evaluate_policy(
-            policy, cfg.env.env_id, cfg.pretrain.eval_episodes, cfg.env.act_steps, device=cfg.device
+            policy,
+            cfg.env.env_id,
+            cfg.pretrain.eval_episodes,
+            cfg.env.act_steps,
+            device=cfg.device,
+            env_kwargs=cfg.env.make_kwargs(),
         )
         _write_eval(run_dir, result)
 
@@ -206,7 +215,7 @@ def finetune(cfg: Config, overrides: list[str]) -> None:
                 f"No pretrained policy for env={cfg.env.name!r}: pass policy.pretrained=PATH (a checkpoint from "
                 f"`robo-rlft pretrain`). Built-in checkpoints exist for {sorted(BUILTIN_FOR_ENV)}."
             )
-        obs_dim, action_dim = _env_dims(cfg.env.env_id)
+        obs_dim, action_dim = _env_dims(cfg.env.env_id, cfg.env.make_kwargs())
         policy, _ = load_policy(resolve_checkpoint(pretrained), cfg.policy.name, obs_dim, action_dim)
         # The exploration settings are a fine-tuning choice: the config's apply to the loaded policy.
         policy = policy.configure_finetuning(cfg.policy)
@@ -248,14 +257,21 @@ def evaluate(cfg: Config, overrides: list[str]) -> None:
     checkpoint = resolve_checkpoint(cfg.eval.checkpoint)
     policy, metadata = load_policy(checkpoint)
     run_dir = _setup(cfg, "eval")
-    env_name = metadata.get("env", cfg.env.env_id)
+    # The checkpoint's env (with its options) unless it predates them; then the config's.
+    if "env" in metadata:
+        env_name, env_kwargs = metadata["env"], metadata.get("env_kwargs", {})
+    else:
+        env_name, env_kwargs = cfg.env.env_id, cfg.env.make_kwargs()
     act_steps = metadata.get("act_steps", cfg.env.act_steps)
     policy.to(cfg.device)
-    result = evaluate_policy(policy, env_name, cfg.eval.episodes, act_steps, cfg.eval.num_envs, device=cfg.device)
+    result = evaluate_policy(
+        policy, env_name, cfg.eval.episodes, act_steps, cfg.eval.num_envs, device=cfg.device, env_kwargs=env_kwargs
+    )
     result["checkpoint"] = str(checkpoint)
     result["env"] = env_name
     if cfg.eval.video:
-        result["video"] = str(record_video(policy, env_name, act_steps, run_dir / "video.mp4"))
+        video = record_video(policy, env_name, act_steps, run_dir / "video.mp4", env_kwargs=env_kwargs)
+        result["video"] = str(video)
     _write_eval(run_dir, result)
 
 

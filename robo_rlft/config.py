@@ -36,13 +36,30 @@ def _check_choice(key: str, value: object, allowed: tuple | list) -> None:
         raise ValueError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}.")
 
 
+# Env-specific EnvConfig fields -> the env names they apply to (others must leave them at their defaults).
+TABLETOP_FIELDS: tuple[str, ...] = ("task", "reward_shaping", "action_mode")
+LIBERO_FIELDS: tuple[str, ...] = ("suite", "task_id")
+IMAGE_FIELDS: tuple[str, ...] = ("cameras", "image_size")
+CAMERA_NAMES: tuple[str, ...] = ("agentview", "wrist")
+LIBERO_ENV_ID = "robo_rlft/Libero-v0"
+
+
 @dataclass
 class EnvConfig:
     """Which environment, and how rollouts execute action chunks.
 
     Attributes:
-        name: registered env name (see ``envs.ENV_IDS``), or ``tabletop``.
+        name: registered env name (see ``envs.ENV_IDS``), ``tabletop`` or ``libero``.
         task: the tabletop task (``envs.tabletop.tasks.TASKS``); only with ``name=tabletop``.
+        reward_shaping: (tabletop) add the task's dense distance terms to the sparse success reward.
+        action_mode: (tabletop) ``delta_ee`` (LIBERO's 7-D delta end effector) or ``joint`` (absolute
+            joint targets + gripper).
+        suite, task_id: (libero) the LIBERO suite (``libero_spatial``, ``libero_object``, ``libero_goal``,
+            ``libero_10``, ``libero_90``) and the task's index in it.
+        cameras: (tabletop, libero) camera images to record: any of ``agentview``, ``wrist``. ``collect``
+            stores them in the dataset; state-based policies never see them, so RL and evaluation of a
+            state policy leave them off (rendering costs ~5x the simulation).
+        image_size: (tabletop, libero) image height and width, pixels.
         num_envs: parallel envs for RL rollouts.
         act_steps: actions executed per chunk (the chunk horizon H is ``policy.horizon``).
         asynchronous: AsyncVectorEnv instead of Sync (only pays off for expensive steps).
@@ -50,22 +67,67 @@ class EnvConfig:
 
     name: str = "hopper"
     task: str | None = None
+    reward_shaping: bool = False
+    action_mode: str = "delta_ee"
+    suite: str | None = None
+    task_id: int | None = None
+    cameras: list[str] = field(default_factory=list)
+    image_size: int = 128
     num_envs: int = 16
     act_steps: int = 4
     asynchronous: bool = False
 
     def __post_init__(self) -> None:
-        _check_choice("env.name", self.name, [*sorted(ENV_IDS), "tabletop"])
-        _check_positive("env", self, "num_envs", "act_steps")
+        _check_choice("env.name", self.name, [*sorted(ENV_IDS), "tabletop", "libero"])
+        _check_positive("env", self, "num_envs", "act_steps", "image_size")
+        defaults = EnvConfig.__dataclass_fields__
+        applies = {
+            **{key: ("tabletop",) for key in TABLETOP_FIELDS},
+            **{key: ("libero",) for key in LIBERO_FIELDS},
+            **{key: ("tabletop", "libero") for key in IMAGE_FIELDS},
+        }
+        for key, names in applies.items():
+            default = defaults[key].default_factory() if key == "cameras" else defaults[key].default
+            if self.name not in names and getattr(self, key) != default:
+                raise ValueError(
+                    f"env.{key}={getattr(self, key)!r} only applies to env={' or env='.join(names)}, "
+                    f"not env={self.name}."
+                )
         if self.name == "tabletop":
             _check_choice("env.task", self.task, sorted(tabletop_env_ids()))
-        elif self.task is not None:
-            raise ValueError(f"env.task={self.task!r} only applies to env=tabletop, not env={self.name}.")
+            _check_choice("env.action_mode", self.action_mode, ["delta_ee", "joint"])
+        if self.name == "libero" and (self.suite is None or self.task_id is None):
+            raise ValueError(
+                f"env=libero needs env.suite and env.task_id (e.g. env.suite=libero_spatial env.task_id=0), "
+                f"got suite={self.suite!r}, task_id={self.task_id!r}."
+            )
+        for camera in self.cameras:
+            _check_choice("env.cameras[]", camera, CAMERA_NAMES)
+        if len(set(self.cameras)) != len(self.cameras):
+            raise ValueError(f"env.cameras={list(self.cameras)} names a camera twice.")
 
     @property
     def env_id(self) -> str:
-        """What ``envs.make_env`` takes: the short name, or the tabletop task's registered id."""
-        return tabletop_env_ids()[self.task] if self.name == "tabletop" else self.name
+        """What ``envs.make_env`` takes: the short name, or the tabletop task's / LIBERO's registered id."""
+        if self.name == "tabletop":
+            return tabletop_env_ids()[self.task]
+        return LIBERO_ENV_ID if self.name == "libero" else self.name
+
+    def make_kwargs(self, cameras: bool = False) -> dict[str, Any]:
+        """Keyword arguments of ``envs.make_env(self.env_id, ...)``.
+
+        Args:
+            cameras: include ``cameras`` and ``image_size`` (for image-based policies and data
+                collection); state-based policies run without rendering.
+        """
+        kwargs: dict[str, Any] = {}
+        if self.name == "tabletop":
+            kwargs.update(reward_shaping=self.reward_shaping, action_mode=self.action_mode)
+        elif self.name == "libero":
+            kwargs.update(suite=self.suite, task_id=self.task_id)
+        if cameras and self.cameras:
+            kwargs.update(cameras=list(self.cameras), image_size=self.image_size)
+        return kwargs
 
 
 @dataclass
@@ -123,7 +185,8 @@ class PPOConfig:
         iterations: rollout + update cycles.
         steps_per_iteration: chunk steps per env per iteration (envs are reset at each iteration).
         gamma, gae_lambda: discount and GAE parameter per *chunk* step.
-        update_epochs, minibatch_size: passes over the batch and samples per gradient step.
+        update_epochs, minibatch_size: passes over the batch and PPO samples per gradient step (chains,
+            or with ``ratio_unit=transition`` stochastic transitions, as DPPO minibatches them).
         actor_lr, critic_lr: Adam learning rates; ``lr_schedule`` decays them (``constant``/``linear``).
         clip_coef: PPO clip on the chain ratio; pairs with ``log_prob_reduction`` (see
             ``policies.chain.reduce_log_prob``).

@@ -25,6 +25,16 @@ key                shape               dtype    meaning
 ``format_version`` ``()``              int64    ``1``
 =================  ==================  =======  ===========================================================
 
+Optional keys (tabletop / LIBERO collections with ``env.cameras``; readers that do not need them ignore them):
+
+=====================  =================  =======  ======================================================
+key                    shape              dtype    meaning
+=====================  =================  =======  ======================================================
+``<camera>_image``     ``(N, H, W, 3)``   uint8    RGB image of camera ``agentview`` / ``wrist`` at step t,
+                                                   right side up (the observation key of the same name)
+``instructions``       ``(N,)``           str      the language instruction of step t's episode
+=====================  =================  =======  ======================================================
+
 Use :func:`save_dataset` / :func:`load_dataset`; saving is atomic (a temporary file in the target
 directory renamed over the destination), so a crash never leaves a half-written dataset behind.
 """
@@ -44,6 +54,8 @@ from policies.checkpoint import apply_umask
 
 FORMAT_VERSION = 1
 ARRAY_KEYS: tuple[str, ...] = ("observations", "actions", "rewards", "terminals", "truncations")
+IMAGE_SUFFIX = "_image"
+INSTRUCTIONS_KEY = "instructions"
 META_KEY = "meta_json"
 VERSION_KEY = "format_version"
 
@@ -67,6 +79,8 @@ class DemoDataset:
         truncations: ``(N,)`` bool, episode cut after this step (time limit or end of collection).
         meta: JSON-serialisable dict saying how the data was made (by convention ``env``, ``source``,
             ``action_noise``, ``seed``, ...).
+        images: camera name -> ``(N, H, W, 3)`` uint8 RGB frames at each step (empty: no images).
+        instructions: ``(N,)`` str, the language instruction of each step's episode, or None.
 
     Raises:
         ValueError: on wrong dtypes, shapes or lengths, non-finite values, an empty dataset, a last step
@@ -79,6 +93,8 @@ class DemoDataset:
     terminals: np.ndarray
     truncations: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    instructions: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         expected = {
@@ -123,6 +139,24 @@ class DemoDataset:
             raise ValueError(
                 f"the last step (index {n - 1}) does not end an episode: set terminals[-1] or "
                 "truncations[-1] (truncations for data cut at the end of collection)."
+            )
+        for camera, frames in self.images.items():
+            if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4:
+                raise ValueError(
+                    f"images[{camera!r}] must be a uint8 array of shape (N, H, W, 3), got "
+                    f"{getattr(frames, 'dtype', type(frames).__name__)} {getattr(frames, 'shape', '')}."
+                )
+            if frames.shape[0] != n or frames.shape[3] != 3:
+                raise ValueError(f"images[{camera!r}] has shape {frames.shape}; expected ({n}, H, W, 3).")
+        if self.instructions is not None and (
+            not isinstance(self.instructions, np.ndarray)
+            or self.instructions.dtype.kind != "U"
+            or self.instructions.shape != (n,)
+        ):
+            raise ValueError(
+                f"instructions must be a str array of shape ({n},), got "
+                f"{getattr(self.instructions, 'dtype', type(self.instructions).__name__)} "
+                f"{getattr(self.instructions, 'shape', '')}."
             )
         if not isinstance(self.meta, dict):
             raise ValueError(f"meta must be a dict, got {type(self.meta).__name__}.")
@@ -223,6 +257,9 @@ def save_dataset(ds: DemoDataset, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {key: getattr(ds, key) for key in ARRAY_KEYS}
+    arrays.update({f"{camera}{IMAGE_SUFFIX}": frames for camera, frames in ds.images.items()})
+    if ds.instructions is not None:
+        arrays[INSTRUCTIONS_KEY] = ds.instructions
     arrays[META_KEY] = np.array(json.dumps(ds.meta, sort_keys=True))
     arrays[VERSION_KEY] = np.array(FORMAT_VERSION, dtype=np.int64)
     # Temp file in the destination directory so os.replace is an atomic rename on the same filesystem.
@@ -256,5 +293,7 @@ def load_dataset(path: str | os.PathLike[str]) -> DemoDataset:
         if version != FORMAT_VERSION:
             raise ValueError(f"{path} has format_version {version}; this robo_rlft reads version {FORMAT_VERSION}.")
         arrays = {key: npz[key] for key in ARRAY_KEYS}
+        images = {key[: -len(IMAGE_SUFFIX)]: npz[key] for key in npz.files if key.endswith(IMAGE_SUFFIX)}
+        instructions = npz[INSTRUCTIONS_KEY] if INSTRUCTIONS_KEY in npz.files else None
         meta = json.loads(str(npz[META_KEY]))
-    return DemoDataset(**arrays, meta=meta)
+    return DemoDataset(**arrays, meta=meta, images=images, instructions=instructions)

@@ -29,8 +29,9 @@ def evaluate_policy(
     num_envs: int = 10,
     seed: int = 100_000,
     device: str | torch.device = "cpu",
+    env_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run ``num_episodes`` episodes with the policy's deterministic sampler.
+    """Run ``num_episodes`` episodes with the policy's deterministic sampler (envs made with ``env_kwargs``).
 
     Episodes run in batches of ``num_envs``; episode ``i`` uses reset seed ``seed + i`` and the
     sampler's noise comes from a generator seeded with ``seed``, so two evaluations with the same
@@ -47,7 +48,7 @@ def evaluate_policy(
     policy.eval()
     returns, lengths, successes = [], [], []
     has_success = False
-    envs = make_vector_env(env_name, min(num_envs, num_episodes), policy.horizon, act_steps)
+    envs = make_vector_env(env_name, min(num_envs, num_episodes), policy.horizon, act_steps, env_kwargs=env_kwargs)
     generator = torch.Generator(device=device).manual_seed(seed)
     # LIBERO-style envs define fixed evaluation init states: episode i then starts from state i.
     fixed_states = _fixed_init_states(envs)
@@ -105,6 +106,16 @@ def _fixed_init_states(envs: gym.vector.VectorEnv) -> int:
         return 0
 
 
+def policy_metadata(cfg: Config, trained_by: str) -> dict[str, Any]:
+    """What a checkpoint records about its env, so ``robo-rlft eval`` rebuilds the same one."""
+    return {
+        "env": cfg.env.env_id,
+        "env_kwargs": cfg.env.make_kwargs(),
+        "act_steps": cfg.env.act_steps,
+        "trained_by": trained_by,
+    }
+
+
 def eval_metrics(result: dict[str, Any]) -> dict[str, float]:
     """The ``eval/`` metrics of an :func:`evaluate_policy` result."""
     metrics = {"eval/return_mean": result["return_mean"], "eval/return_ci95": result["return_ci95"]}
@@ -126,9 +137,11 @@ class BestPolicyTracker:
         device: str | torch.device,
         metadata: dict[str, Any],
         best_return: float = -math.inf,
+        env_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.run_dir, self.env_name, self.act_steps = run_dir, env_name, act_steps
         self.episodes, self.device, self.metadata = episodes, device, metadata
+        self.env_kwargs = env_kwargs or {}
         self.best_return = best_return
 
     @classmethod
@@ -136,12 +149,17 @@ class BestPolicyTracker:
         cls, cfg: Config, run_dir: Path, device: str | torch.device, best_return: float = -math.inf
     ) -> BestPolicyTracker:
         """The tracker of a fine-tuning run; its ``metadata`` also labels the run's other checkpoints."""
-        metadata = {"env": cfg.env.env_id, "act_steps": cfg.env.act_steps, "trained_by": "robo-rlft finetune"}
-        return cls(run_dir, cfg.env.env_id, cfg.env.act_steps, cfg.algo.eval_episodes, device, metadata, best_return)
+        metadata = policy_metadata(cfg, "robo-rlft finetune")
+        return cls(
+            run_dir, cfg.env.env_id, cfg.env.act_steps, cfg.algo.eval_episodes, device, metadata, best_return,
+            cfg.env.make_kwargs(),
+        )  # fmt: skip
 
     def evaluate(self, policy: torch.nn.Module, iteration: int) -> dict[str, Any]:
         """Evaluate; if it beats the best return so far, save ``policy`` to ``run_dir/best``."""
-        result = evaluate_policy(policy, self.env_name, self.episodes, self.act_steps, device=self.device)
+        result = evaluate_policy(
+            policy, self.env_name, self.episodes, self.act_steps, device=self.device, env_kwargs=self.env_kwargs
+        )
         if result["return_mean"] > self.best_return:
             self.best_return = result["return_mean"]
             save_policy(policy, self.run_dir / "best", {**self.metadata, "iteration": iteration})
@@ -155,12 +173,19 @@ class BestPolicyTracker:
 
 
 @torch.no_grad()
-def record_video(policy: torch.nn.Module, env_name: str, act_steps: int, path: Path, seed: int = 100_000) -> Path:
+def record_video(
+    policy: torch.nn.Module,
+    env_name: str,
+    act_steps: int,
+    path: Path,
+    seed: int = 100_000,
+    env_kwargs: dict[str, Any] | None = None,
+) -> Path:
     """Render one deterministic episode to ``path`` (mp4). Headless machines need ``MUJOCO_GL=egl``/``osmesa``."""
     import imageio.v2 as imageio
 
     # The plain env, stepped one action at a time, so the video shows every simulator frame.
-    env = make_env(env_name, render_mode="rgb_array")
+    env = make_env(env_name, render_mode="rgb_array", **(env_kwargs or {}))
     was_training = policy.training
     policy.eval()
     device = next(policy.parameters()).device

@@ -28,7 +28,7 @@ import gymnasium as gym
 import numpy as np
 
 import envs
-from robo_rlft.data import ARRAY_KEYS, DemoDataset
+from robo_rlft.data import ARRAY_KEYS, IMAGE_SUFFIX, DemoDataset
 
 logger = logging.getLogger(__name__)
 
@@ -433,21 +433,31 @@ def rollout_expert(
 
 
 def rollout_scripted_expert(
-    env_id: str, num_episodes: int, action_noise: float = 0.0, seed: int = 0, progress: bool = False
+    env_id: str,
+    num_episodes: int,
+    action_noise: float = 0.0,
+    seed: int = 0,
+    progress: bool = False,
+    env_kwargs: dict[str, Any] | None = None,
 ) -> DemoDataset:
     """Demonstrations from a tabletop task's scripted expert (``envs.tabletop.expert``).
 
     Episode ``i`` starts from the randomised training init state of reset seed ``seed + i``;
     ``action_noise`` is the expert's own noise knob. Observations are the flat state vectors the
-    policies see (``envs.make_env`` wraps Dict observations), actions the executed ones.
+    policies see (``envs.make_env`` wraps Dict observations), actions the executed ones. With cameras
+    in ``env_kwargs`` the dataset also holds each step's images; it always holds the instructions.
     """
     from envs.tabletop.expert import expert_for
 
     if num_episodes < 1 or not np.isfinite(action_noise) or action_noise < 0:
         raise ValueError(f"need num_episodes >= 1 and action_noise >= 0, got {num_episodes}, {action_noise}.")
-    env = envs.make_env(env_id)
-    columns: dict[str, list] = {key: [] for key in ARRAY_KEYS}
+    flat_env = envs.make_env(env_id, **(env_kwargs or {}))
+    # make_env flattens the Dict observation for state policies; the images come from the Dict below it.
+    env = flat_env.env
+    cameras = [key for key in env.observation_space.spaces if key.endswith(IMAGE_SUFFIX)]
+    columns: dict[str, list] = {key: [] for key in (*ARRAY_KEYS, *cameras)}
     successes = []
+    instruction = env.unwrapped.instruction
     try:
         with _progress(progress, f"scripted expert {env_id} noise={action_noise}", num_episodes) as (bar, task):
             for i in range(num_episodes):
@@ -459,25 +469,37 @@ def rollout_scripted_expert(
                     action = expert.act()
                     next_obs, reward, terminated, truncated, info = env.step(action)
                     done = terminated or truncated
-                    row = (obs, action, reward, terminated, done and not terminated)
+                    row = (flat_env.observation(obs), action, reward, terminated, done and not terminated)
                     for key, value in zip(ARRAY_KEYS, row, strict=True):
                         columns[key].append(value)
+                    for key in cameras:
+                        columns[key].append(obs[key])
                     obs = next_obs
                 successes.append(bool(info["is_success"]))
                 if bar is not None:
                     bar.update(task, advance=1, info=f"success {np.mean(successes):.2f}")
     finally:
-        env.close()
+        flat_env.close()
+    num_steps = len(columns["actions"])
     dataset = DemoDataset(
         observations=np.asarray(columns["observations"], dtype=np.float32),
         actions=np.asarray(columns["actions"], dtype=np.float32),
         rewards=np.asarray(columns["rewards"], dtype=np.float32),
         terminals=np.asarray(columns["terminals"], dtype=bool),
         truncations=np.asarray(columns["truncations"], dtype=bool),
+        images={key[: -len(IMAGE_SUFFIX)]: np.stack(columns[key]) for key in cameras},
+        instructions=np.full(num_steps, instruction),
         meta={
             "env": env_id,
+            "env_kwargs": dict(env_kwargs or {}),
             "source": "scripted expert",
-            "instruction": env.unwrapped.instruction,
+            "instruction": instruction,
+            # How the flat observation splits into the env's Dict keys, in order.
+            "observation_layout": {
+                key: int(env.observation_space[key].shape[0])
+                for key in flat_env.KEYS
+                if key in env.observation_space.spaces
+            },
             "action_noise": float(action_noise),
             "seed": seed,
             "num_episodes": num_episodes,

@@ -94,3 +94,28 @@ def test_transition_clip_schedule_rises_to_the_last_step_and_survives_one_step()
     torch.testing.assert_close(transition_clip_schedule(one_step, 0.01, 0.001, 3.0)[2], torch.tensor(0.01))
     assert torch.isfinite(transition_clip_schedule(one_step, 0.01, 0.001, 3.0)).all()
     torch.testing.assert_close(transition_clip_schedule(last_four, 0.02, None, 3.0), torch.full((6,), 0.02))
+
+
+@pytest.mark.parametrize(("scheme", "sde_steps"), [("reinflow", "all"), ("flow_sde", "one")])
+def test_transition_samples_cover_each_stochastic_transition_once_and_rescore_it_alone(
+    flow_policy_factory, scheme, sde_steps
+):
+    """DPPO minibatches (chain, step) pairs: every stochastic transition is one PPO sample, and scoring a
+    sample's one-hot mask gives that transition's log-prob from the whole-chain re-scoring."""
+    from policies.chain import step_log_prob
+    from robo_rlft.algos.ppo import ppo_samples
+
+    policy = flow_policy_factory(5, 2, horizon=2, denoising_steps=4, scheme=scheme, sde_steps=sde_steps)
+    obs = torch.randn(16, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sample = policy.sample(obs, generator=torch.Generator().manual_seed(1))
+        whole = step_log_prob(policy.log_prob_and_entropy(obs, sample.chain, sample.stochastic)[0], "sum")  # (B, K)
+        rows, masks = ppo_samples(sample.stochastic, "transition")
+        alone = step_log_prob(policy.log_prob_and_entropy(obs[rows], sample.chain[rows], masks)[0], "sum")
+    assert rows.shape[0] == int(sample.stochastic.sum())
+    assert (masks.sum(1) == 1).all() and sample.stochastic[rows].logical_and(masks).sum() == rows.shape[0]
+    pairs = {(int(r), int(k)) for r, k in zip(rows, masks.float().argmax(1), strict=True)}
+    assert pairs == {(int(r), int(k)) for r, k in zip(*sample.stochastic.nonzero(as_tuple=True), strict=True)}
+    torch.testing.assert_close(alone[masks], whole[sample.stochastic])
+    chain_rows, chain_masks = ppo_samples(sample.stochastic, "chain")
+    assert torch.equal(chain_rows, torch.arange(16)) and torch.equal(chain_masks, sample.stochastic)

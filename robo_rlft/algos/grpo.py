@@ -271,7 +271,9 @@ def train_grpo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: boo
         logger.info("Resumed %s at iteration %d (%d env steps).", run_dir, start_iteration, env_steps)
     if cfg.env.act_steps > policy.horizon:
         raise ValueError(f"env.act_steps={cfg.env.act_steps} exceeds the policy's horizon {policy.horizon}.")
-    envs = make_vector_env(cfg.env.env_id, num_envs, policy.horizon, cfg.env.act_steps, cfg.env.asynchronous)
+    envs = make_vector_env(
+        cfg.env.env_id, num_envs, policy.horizon, cfg.env.act_steps, cfg.env.asynchronous, cfg.env.make_kwargs()
+    )
     policy.to(device).train()
     optimizer = torch.optim.Adam(policy.parameters(), lr=algo.actor_lr)  # no critic: the group is the baseline
     if optim_state is not None:

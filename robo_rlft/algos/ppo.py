@@ -24,7 +24,7 @@ from policies.checkpoint import load_policy, save_policy
 from policies.critic import ValueCritic
 from robo_rlft.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from robo_rlft.config import Config
-from robo_rlft.evaluation import BestPolicyTracker, eval_metrics
+from robo_rlft.evaluation import BestPolicyTracker, eval_metrics, policy_metadata
 from robo_rlft.metrics import MetricLogger
 from robo_rlft.progress import progress_bar
 from robo_rlft.returns import RunningRewardScaler, compute_gae
@@ -60,14 +60,18 @@ def ppo_losses(
     returns: torch.Tensor,
     cfg: Config,
     base_policy: nn.Module | None = None,
+    step_clips: torch.Tensor | None = None,
 ) -> PPOLosses:
     """Clipped PPO objective on one minibatch, with the value loss, the entropy bonus and, when a
     frozen ``base_policy`` is given, the BC regulariser toward it (:func:`bc_regulariser`).
 
     Args:
-        obs: ``(M, obs_dim)``; chains: ``(M, K+1, H, A)``; stochastic: ``(M, K)`` bool;
+        obs: ``(M, obs_dim)``; chains: ``(M, K+1, H, A)``; stochastic: ``(M, K)`` bool — for
+            ``ratio_unit=transition`` minibatches (:func:`ppo_samples`) one-hot: the row's transition;
         old_log_probs: ``(M, K)`` per-transition log-probs at rollout (:func:`step_log_prob`);
-        advantages, returns: ``(M,)``.
+        advantages, returns: ``(M,)``;
+        step_clips: ``(K,)`` clip per denoising step for ``ratio_unit=transition``, from
+            :func:`transition_clip_schedule` over the whole batch (a minibatch may miss some steps).
     """
     if old_log_probs.requires_grad:
         raise RuntimeError("old_log_probs require grad: they must be stored detached at rollout time.")
@@ -87,9 +91,9 @@ def ppo_losses(
         log_ratio = new_log_probs[rows, steps] - old_log_probs[rows, steps]  # (S,)
         last_step = stochastic.shape[1] - 1
         advantages = advantages[rows] * algo.denoising_discount ** (last_step - steps)
-        clip = transition_clip_schedule(stochastic, algo.clip_coef, algo.clip_coef_first, algo.clip_schedule_rate)[
-            steps
-        ]
+        if step_clips is None:
+            raise ValueError("ppo_losses: ratio_unit=transition needs step_clips (transition_clip_schedule).")
+        clip = step_clips[steps]
     ratio = log_ratio.exp()
     pg_loss = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
     value_loss = 0.5 * (critic(policy.normalizer.normalize_obs(obs)) - returns).pow(2).mean()
@@ -125,6 +129,20 @@ def bc_regulariser(policy: nn.Module, base_policy: nn.Module, obs: torch.Tensor)
     with torch.no_grad():
         base = base_policy.sample(obs, deterministic=True, generator=torch.Generator(device).manual_seed(seed))
     return (mine - base.chain[:, -1]).pow(2).mean()
+
+
+def ppo_samples(stochastic: torch.Tensor, ratio_unit: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PPO samples of a batch of ``B`` chains, which minibatches draw from: ``(rows (S,), masks (S, K))``.
+
+    ``chain``: one sample per chain with its own stochastic mask (S = B). ``transition``: one sample per
+    stochastic (chain, step) pair, as in DPPO's denoising MDP where every transition is an MDP step
+    (S = number of stochastic transitions, so ``minibatch_size`` counts transitions); the mask is one-hot
+    at the pair's step, so re-scoring (``policies.chain.score_chain``) evaluates that transition only.
+    """
+    if ratio_unit == "chain":
+        return torch.arange(stochastic.shape[0], device=stochastic.device), stochastic
+    rows, steps = stochastic.nonzero(as_tuple=True)
+    return rows, nn.functional.one_hot(steps, stochastic.shape[1]).bool()
 
 
 def transition_clip_schedule(
@@ -171,14 +189,17 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
         critic.load_state_dict(loaded["critic_state"])
     if cfg.env.act_steps > policy.horizon:
         raise ValueError(f"env.act_steps={cfg.env.act_steps} exceeds the policy's horizon {policy.horizon}.")
-    envs = make_vector_env(cfg.env.env_id, num_envs, policy.horizon, cfg.env.act_steps, cfg.env.asynchronous)
+    envs = make_vector_env(
+        cfg.env.env_id, num_envs, policy.horizon, cfg.env.act_steps, cfg.env.asynchronous, cfg.env.make_kwargs()
+    )
     obs_dim = policy.obs_dim
     base_policy = None
     if algo.bc_coef > 0:
         # The frozen pretrained policy lives in the run directory, so a resumed run regularises
         # toward the same policy as the original one.
         if not resume:
-            save_policy(policy, run_dir / BASE_POLICY_DIR, {"env": cfg.env.env_id, "role": "bc regulariser base"})
+            base_meta = {**policy_metadata(cfg, "robo-rlft finetune"), "role": "bc regulariser base"}
+            save_policy(policy, run_dir / BASE_POLICY_DIR, base_meta)
         base_policy = load_policy(run_dir / BASE_POLICY_DIR)[0].to(device).eval().requires_grad_(False)
     policy.to(device).train()
     critic.to(device).train()
@@ -273,7 +294,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
             next_values = torch.where(end_buf.bool(), next_value_buf, following_values)
             advantages, returns = compute_gae(reward_buf, value_buf, next_values, end_buf, algo.gamma, algo.gae_lambda)
 
-            # ---- update: epochs x minibatches over the flattened batch (T*N, ...) ----
+            # ---- update: epochs x minibatches of PPO samples (chains or transitions) of the batch ----
             tic = time.perf_counter()
             policy.train()
             b_obs = obs_buf.reshape(-1, obs_dim).to(device)
@@ -282,8 +303,14 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
             b_log_probs = log_prob_buf.reshape(-1, num_denoise).to(device)
             b_advantages = advantages.reshape(-1).to(device)
             b_returns = returns.reshape(-1).to(device)
-            batch_size = b_obs.shape[0]
-            minibatch = min(algo.minibatch_size, batch_size)
+            sample_rows, sample_masks = ppo_samples(b_stochastic, algo.ratio_unit)  # (S,), (S, K)
+            num_samples = sample_rows.shape[0]
+            minibatch = min(algo.minibatch_size, num_samples)
+            step_clips = None
+            if algo.ratio_unit == "transition":
+                step_clips = transition_clip_schedule(
+                    b_stochastic, algo.clip_coef, algo.clip_coef_first, algo.clip_schedule_rate
+                )
             train_actor = iteration >= algo.critic_warmup_iterations
             ratio_first = math.nan
             kls, clip_fracs, policy_losses, value_losses, entropies, bc_losses = [], [], [], [], [], []
@@ -291,20 +318,22 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
             for _epoch in range(algo.update_epochs):
                 epochs_run += 1
                 epoch_start = len(kls)
-                perm = torch.randperm(batch_size, device=device)
-                for start in range(0, batch_size, minibatch):
-                    mb = perm[start : start + minibatch]
+                perm = torch.randperm(num_samples, device=device)
+                for start in range(0, num_samples, minibatch):
+                    picked = perm[start : start + minibatch]
+                    mb = sample_rows[picked]
                     losses = ppo_losses(
                         policy,
                         critic,
                         b_obs[mb],
                         b_chains[mb],
-                        b_stochastic[mb],
+                        sample_masks[picked],
                         b_log_probs[mb],
                         b_advantages[mb],
                         b_returns[mb],
                         cfg,
                         base_policy,
+                        step_clips,
                     )
                     if math.isnan(ratio_first):
                         ratio_first = losses.ratio_mean
