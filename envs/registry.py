@@ -19,6 +19,10 @@ LOCOMOTION: dict[str, tuple[str, str, int]] = {
 
 ENV_IDS: dict[str, str] = {name: env_id for name, (env_id, _, _) in LOCOMOTION.items()}
 
+# The LIBERO adapter: one id, the suite and task are ``gym.make`` kwargs (``suite``, ``task_id``). Registering
+# it only names the entry point, so it works without the ``libero`` extra; constructing it needs the extra.
+LIBERO_ENV_ID = "robo_rlft/Libero-v0"
+
 
 def tabletop_env_ids() -> dict[str, str]:
     """Tabletop task name -> its id ``robo_rlft/Tabletop-<Task>-v0``."""
@@ -43,18 +47,21 @@ def register_envs() -> None:
                 kwargs={"task": name},
                 max_episode_steps=TASKS[name].horizon,
             )
+    if LIBERO_ENV_ID not in gym.registry:
+        # No TimeLimit: the step limit depends on the suite, and the env truncates at it itself.
+        gym.register(id=LIBERO_ENV_ID, entry_point="envs.libero:LiberoEnv")
 
 
 def resolve_env_id(name: str) -> str:
     """Map a short name (``hopper``) or a full id (``robo_rlft/Hopper-v5``,
-    ``robo_rlft/Tabletop-LiftCube-v0``) to the registered id."""
+    ``robo_rlft/Tabletop-LiftCube-v0``, ``robo_rlft/Libero-v0``) to the registered id."""
     if name in ENV_IDS:
         return ENV_IDS[name]
-    if name in ENV_IDS.values() or name in tabletop_env_ids().values():
+    if name in ENV_IDS.values() or name in tabletop_env_ids().values() or name == LIBERO_ENV_ID:
         return name
     raise ValueError(
         f"Unknown env {name!r}. Allowed: {sorted(ENV_IDS)}, their ids {sorted(ENV_IDS.values())}, "
-        f"or a tabletop id {sorted(tabletop_env_ids().values())}."
+        f"a tabletop id {sorted(tabletop_env_ids().values())}, or {LIBERO_ENV_ID!r} (with suite=..., task_id=...)."
     )
 
 
@@ -80,7 +87,7 @@ class StateVectorObservation(gym.ObservationWrapper):
 def make_env(name: str, **kwargs: Any) -> gym.Env:
     """Create one (un-chunked) environment by short name or id; ``kwargs`` go to ``gym.make``.
 
-    Envs with Dict observations (tabletop) come wrapped in :class:`StateVectorObservation`.
+    Envs with Dict observations (tabletop, LIBERO) come wrapped in :class:`StateVectorObservation`.
     """
     register_envs()
     env = gym.make(resolve_env_id(name), **kwargs)

@@ -14,7 +14,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from envs import ENV_IDS
-from envs.registry import tabletop_env_ids
+from envs.libero import SUITES as LIBERO_SUITES
+from envs.registry import LIBERO_ENV_ID, tabletop_env_ids
 from policies.chain import LOG_PROB_REDUCTIONS
 from policies.critic import CriticConfig
 from policies.diffusion import DiffusionPolicyConfig
@@ -41,7 +42,6 @@ TABLETOP_FIELDS: tuple[str, ...] = ("task", "reward_shaping", "action_mode")
 LIBERO_FIELDS: tuple[str, ...] = ("suite", "task_id")
 IMAGE_FIELDS: tuple[str, ...] = ("cameras", "image_size")
 CAMERA_NAMES: tuple[str, ...] = ("agentview", "wrist")
-LIBERO_ENV_ID = "robo_rlft/Libero-v0"
 
 
 @dataclass
@@ -96,11 +96,18 @@ class EnvConfig:
         if self.name == "tabletop":
             _check_choice("env.task", self.task, sorted(tabletop_env_ids()))
             _check_choice("env.action_mode", self.action_mode, ["delta_ee", "joint"])
-        if self.name == "libero" and (self.suite is None or self.task_id is None):
-            raise ValueError(
-                f"env=libero needs env.suite and env.task_id (e.g. env.suite=libero_spatial env.task_id=0), "
-                f"got suite={self.suite!r}, task_id={self.task_id!r}."
-            )
+        if self.name == "libero":
+            if self.suite is None or self.task_id is None:
+                raise ValueError(
+                    f"env=libero needs env.suite and env.task_id (e.g. env.suite=libero_spatial env.task_id=0), "
+                    f"got suite={self.suite!r}, task_id={self.task_id!r}."
+                )
+            _check_choice("env.suite", self.suite, sorted(LIBERO_SUITES))
+            num_tasks = LIBERO_SUITES[self.suite].num_tasks
+            if not 0 <= self.task_id < num_tasks:
+                raise ValueError(
+                    f"env.task_id={self.task_id} is out of range: {self.suite} has tasks 0..{num_tasks - 1}."
+                )
         for camera in self.cameras:
             _check_choice("env.cameras[]", camera, CAMERA_NAMES)
         if len(set(self.cameras)) != len(self.cameras):

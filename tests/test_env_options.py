@@ -38,6 +38,8 @@ def test_make_kwargs_carry_the_env_options_and_cameras_only_on_request():
         (["env=tabletop", "env.image_size=0"], "env.image_size must be > 0"),
         (["env=tabletop", "env.suite=libero_goal"], "env.suite='libero_goal' only applies to env=libero"),
         (["env=libero", "env.task_id=null"], "env=libero needs env.suite and env.task_id"),
+        (["env=libero", "env.suite=libero_100"], "env.suite='libero_100' is not allowed"),
+        (["env=libero", "env.task_id=10"], "env.task_id=10 is out of range: libero_spatial has tasks 0..9"),
     ],
 )
 def test_bad_env_options_are_refused_with_the_key_named(capsys, overrides, message):
