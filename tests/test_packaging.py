@@ -1,4 +1,4 @@
-"""The distribution ships every package, the Hydra presets and the built-in checkpoint."""
+"""The distribution ships every package, the Hydra presets, the built-in checkpoint and the tabletop init states."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_every_python_package_is_listed_in_pyproject():
 
 
 @pytest.mark.slow
-def test_wheel_ships_configs_and_builtin_checkpoint(tmp_path):
+def test_wheel_ships_configs_checkpoint_and_init_states(tmp_path):
     pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
     subprocess.run([*pip_wheel, "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("robo_rlft-*.whl")
@@ -34,3 +34,5 @@ def test_wheel_ships_configs_and_builtin_checkpoint(tmp_path):
     builtin = ROOT / "robo_rlft" / "assets" / "checkpoints"
     shipped = {f"robo_rlft/assets/checkpoints/{p.relative_to(builtin)}" for p in builtin.rglob("*") if p.is_file()}
     assert shipped and shipped <= names, sorted(shipped - names)
+    init_states = {f"envs/tabletop/init_states/{p.name}" for p in (ROOT / "envs/tabletop/init_states").glob("*.npz")}
+    assert init_states and init_states <= names, sorted(init_states - names)

@@ -94,7 +94,9 @@ def test_forward_kinematics_match_the_panda_dh_table(arm):
         mujoco.mju_mat2Quat(expected_quat, tcp[:3, :3].flatten())
         assert rotation_angle(quat, expected_quat) < 1e-4
         axis_angle = arm.ee_axis_angle()
-        assert abs(np.linalg.norm(axis_angle) - rotation_angle(quat, np.array([1.0, 0.0, 0.0, 0.0]))) < 1e-6
+        as_quat = np.empty(4)
+        mujoco.mju_axisAngle2Quat(as_quat, axis_angle / np.linalg.norm(axis_angle), np.linalg.norm(axis_angle))
+        assert rotation_angle(as_quat, quat) < 1e-6  # the same rotation as the tool's
     assert worst_pos < 1e-4, f"flange/TCP position off the DH table by {worst_pos} m"
     assert worst_rot < 1e-6, f"TCP orientation off the DH table by {worst_rot}"
 
@@ -271,3 +273,21 @@ def test_delta_ee_rejects_malformed_actions(arm):
         arm.delta_ee_to_joint_targets(np.full(7, np.nan))
     q_target, gripper = arm.delta_ee_to_joint_targets(np.full(7, 5.0))  # clipped to [-1, 1]
     assert gripper == 0.0 and np.all(q_target >= PANDA_Q_MIN) and np.all(q_target <= PANDA_Q_MAX)
+
+
+def test_tool_axis_angle_is_continuous_through_the_top_down_pose():
+    """A top-down tool is a rotation of ~π: small wrist turns about it must move the axis-angle observation
+    a little, not flip its sign (a 2π jump that wrecks observation statistics and policies)."""
+    model = build_panda_model()
+    data = mujoco.MjData(model)
+    arm = PandaArm(model, data)
+    for joint in (4, 5, 6):  # sweep each wrist joint through home in 0.01 rad steps
+        previous = None
+        for angle in np.linspace(-0.3, 0.3, 61):
+            q = HOME_QPOS.copy()
+            q[joint] += angle
+            arm.reset(q)
+            axis_angle = arm.ee_axis_angle()
+            if previous is not None:
+                assert np.linalg.norm(axis_angle - previous) < 0.05, (joint, angle, axis_angle, previous)
+            previous = axis_angle

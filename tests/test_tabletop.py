@@ -55,7 +55,8 @@ def test_env_passes_checker_is_seeded_and_finite(task, action_mode):
         assert not np.array_equal(obs_a["object_state"], obs_b["object_state"]), "reset must randomise"
         assert info["instruction"] == env.instruction == TASKS[task].instruction
         assert obs_a["state"].shape == (8,)
-        assert obs_a["object_state"].shape == (7 * len(TASKS[task].objects),)
+        # 7 (position, quaternion) per object, then one entry per object joint (a drawer's opening).
+        assert obs_a["object_state"].shape == (7 * len(TASKS[task].objects) + len(TASKS[task].joint_names),)
     finally:
         env.close()
         other.close()
@@ -143,12 +144,21 @@ def test_relations_on_named_positions():
     assert combined(scene) and "not on(cube, plate)" in combined.description
 
 
-@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("task", ["PickCubeOntoPlate", "LiftCube"])
 def test_expert_solves_the_fixed_init_states(task):
     env = TabletopEnv(task)
     expert = expert_for(env)
     results = [rollout_expert(env, expert, init_state=i)[0] for i in range(NUM_EVAL_INIT_STATES)]
     assert sum(results) >= 0.9 * NUM_EVAL_INIT_STATES, f"expert succeeded on {sum(results)}/50"
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_every_task_expert_solves_its_first_fixed_init_states(task):
+    """All 50 states per task are in benchmarks/tabletop_experts.py; here the first 10 keep the suite fast."""
+    env = TabletopEnv(task)
+    results = [rollout_expert(env, expert_for(env), init_state=i) for i in range(10)]
+    assert sum(ok for ok, _ in results) >= 9, f"{task}: {results}"
+    assert all(steps < env.max_episode_steps for ok, steps in results if ok), "the horizon must leave slack"
 
 
 def test_noisy_expert_in_joint_mode_still_succeeds():

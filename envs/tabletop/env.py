@@ -4,8 +4,9 @@ Observation (a ``Dict`` of ``Box`` spaces; every key named):
 
 - ``state`` (8,) float32: tool position (3, m, world), tool orientation as axis-angle (3), the two
   finger joints (2, m) — LIBERO's ``ee_pos``, ``ee_ori``, ``gripper_states``,
-- ``object_state`` (7·n,) float32: for each task object in ``task.objects`` order, position (3) and
-  wxyz quaternion (4),
+- ``object_state`` (7·n + k,) float32: for each task object in ``task.objects`` order, its body's position
+  (3, m, world) and wxyz quaternion (4) — for a drawer, its fixed cabinet's pose — then the positions of the
+  objects' k own joints in ``task.joint_names`` order (each drawer's opening, m, 0 = closed),
 - with ``cameras``: ``agentview_image`` and/or ``wrist_image``, uint8 (H, W, 3), right side up.
 
 Actions: ``action_mode="delta_ee"`` is LIBERO's 7-D ``OSC_POSE`` action in [-1, 1] (±0.05 m, ±0.5 rad
@@ -109,9 +110,17 @@ class TabletopEnv(gym.Env):
         self._object_specs: dict[str, ObjectSpec] = {obj.name: obj for obj in self.task.objects}
         self._body_ids = {obj.name: self.model.body(obj.name).id for obj in self.task.objects}
         self._object_body_ids = np.array([self._body_ids[obj.name] for obj in self.task.objects])
+        # Free objects are placed through their free joint's qpos, fixed ones (a drawer's cabinet) as mocap bodies.
         self._object_qpos_adr = {
-            obj.name: int(self.model.joint(f"{obj.name}_joint").qposadr[0]) for obj in self.task.objects
+            obj.name: int(self.model.joint(f"{obj.name}_joint").qposadr[0]) for obj in self.task.objects if obj.is_free
         }
+        self._mocap_ids = {
+            obj.name: int(self.model.body_mocapid[self._body_ids[obj.name]])
+            for obj in self.task.objects
+            if not obj.is_free
+        }
+        self._joint_qpos_adr = {name: int(self.model.joint(name).qposadr[0]) for name in self.task.joint_names}
+        self._joint_qpos_index = np.array(list(self._joint_qpos_adr.values()), dtype=int)
         self._renderer: mujoco.Renderer | None = None
         self._steps = 0
 
@@ -123,7 +132,7 @@ class TabletopEnv(gym.Env):
             self.action_space = gym.spaces.Box(low, high, (8,), np.float32)
         spaces: dict[str, gym.spaces.Space] = {
             "state": gym.spaces.Box(-np.inf, np.inf, (8,), np.float32),
-            "object_state": gym.spaces.Box(-np.inf, np.inf, (7 * len(self.task.objects),), np.float32),
+            "object_state": gym.spaces.Box(-np.inf, np.inf, (self.object_state_size,), np.float32),
         }
         for camera in cameras:
             spaces[f"{camera}_image"] = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
@@ -131,9 +140,25 @@ class TabletopEnv(gym.Env):
 
     # -- SceneQuery (what the task's relations read) --------------------------------------------------
 
+    @property
+    def object_state_size(self) -> int:
+        """Length of ``object_state``: 7 per task object plus one per object joint (a fixed function of the task)."""
+        return 7 * len(self.task.objects) + len(self.task.joint_names)
+
     def position(self, name: str) -> np.ndarray:
-        """(3,) world position of body ``name`` (from the last kinematics pass)."""
-        return self.data.xpos[self._body_ids[name]]
+        """(3,) world position of body ``name`` (from the last kinematics pass), e.g. an object or ``drawer_handle``."""
+        body_id = self._body_ids.get(name)
+        if body_id is None:
+            body_id = self._body_ids[name] = self.model.body(name).id  # raises KeyError naming a missing body
+        return self.data.xpos[body_id]
+
+    def joint_position(self, name: str) -> float:
+        """Position of the object joint ``name`` (a drawer's ``<drawer>_slide``: its opening in metres)."""
+        if name not in self._joint_qpos_adr:
+            raise KeyError(
+                f"Task {self.task.name!r} has no object joint {name!r}; it has {list(self._joint_qpos_adr)}."
+            )
+        return float(self.data.qpos[self._joint_qpos_adr[name]])
 
     def object_spec(self, name: str) -> ObjectSpec:
         return self._object_specs[name]
@@ -204,10 +229,16 @@ class TabletopEnv(gym.Env):
     def _apply_layout(self, layout: Layout) -> None:
         mujoco.mj_resetData(self.model, self.data)
         for name, (x, y, yaw) in layout.object_poses.items():
-            adr = self._object_qpos_adr[name]
             z = self.table_height + self._object_specs[name].half_height
-            self.data.qpos[adr : adr + 3] = (x, y, z)
-            self.data.qpos[adr + 3 : adr + 7] = yaw_quat(yaw)
+            if name in self._mocap_ids:
+                self.data.mocap_pos[self._mocap_ids[name]] = (x, y, z)
+                self.data.mocap_quat[self._mocap_ids[name]] = yaw_quat(yaw)
+            else:
+                adr = self._object_qpos_adr[name]
+                self.data.qpos[adr : adr + 3] = (x, y, z)
+                self.data.qpos[adr + 3 : adr + 7] = yaw_quat(yaw)
+        for name, value in layout.joint_positions.items():
+            self.data.qpos[self._joint_qpos_adr[name]] = value
         self.arm.reset(np.clip(layout.arm_qpos, self.arm.q_min, self.arm.q_max), gripper=1.0)  # runs mj_forward
 
     def _success(self) -> bool:
@@ -219,8 +250,10 @@ class TabletopEnv(gym.Env):
         state[3:6] = self.arm.ee_axis_angle()
         state[6:] = self.data.qpos[self.arm.finger_qpos_index]
         ids = self._object_body_ids
-        object_state = np.concatenate([self.data.xpos[ids], self.data.xquat[ids]], axis=1).astype(np.float32)
-        obs = {"state": state, "object_state": object_state.ravel()}
+        poses = np.concatenate([self.data.xpos[ids], self.data.xquat[ids]], axis=1)  # (n, 7)
+        joints = self.data.qpos[self._joint_qpos_index]  # (k,)
+        object_state = np.concatenate([poses.ravel(), joints]).astype(np.float32)
+        obs = {"state": state, "object_state": object_state}
         for camera in self.cameras:
             obs[f"{camera}_image"] = self._render(CAMERAS[camera])
         return obs

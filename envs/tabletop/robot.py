@@ -406,6 +406,8 @@ class PandaArm:
         self._quat_err = np.zeros(4)
         self._eye6 = np.eye(6)
         self._eye3 = np.eye(3)
+        # The tool orientation at home; ee_axis_angle picks the quaternion sign on its side.
+        self._home_tool_quat = self.fk(HOME_QPOS)[1]
 
     # -- state ---------------------------------------------------------------------------------------
 
@@ -430,9 +432,16 @@ class PandaArm:
         return self.data.site_xpos[self.site_id].copy(), quat
 
     def ee_axis_angle(self) -> np.ndarray:
-        """(3,) tool orientation as an axis-angle vector (axis · angle, angle in [0, π]), robosuite's convention."""
+        """(3,) tool orientation as an axis-angle vector (axis · angle, angle in [0, 2π)), continuous near home.
+
+        A top-down tool is a rotation of about π, where the usual angle ≤ π convention flips the vector's
+        sign under tiny wrist motions (a jump of 2π in the observation). Of q and -q (the same rotation)
+        we take the one on the home orientation's side, so the vector is continuous over the workspace and,
+        as robosuite's ``quat2axisangle`` of a continuous quaternion (LIBERO's ``ee_ori``), its angle may
+        exceed π.
+        """
         _, quat = self.ee_pose()
-        if quat[0] < 0.0:  # q and -q are the same rotation; pick the one with angle ≤ π
+        if float(np.dot(quat, self._home_tool_quat)) < 0.0:
             quat = -quat
         sin_half = float(np.linalg.norm(quat[1:]))
         if sin_half < 1e-12:
