@@ -132,10 +132,10 @@ def plot(rows: list[dict], evals: list[dict], path: Path, task: str) -> None:
     bounds = [wilson_ci95(round(r * FIXED_INIT_STATES), FIXED_INIT_STATES)[1:] for r in rates]
     ax.plot(steps, rates, marker="o", label="evaluation (50 fixed init states)")
     ax.fill_between(steps, [b[0] for b in bounds], [b[1] for b in bounds], alpha=0.2)
-    rollout = [r for r in rows if r.get("rollout_success_rate")]
+    rollout = [r for r in rows if r.get("success_rate")]
     ax.plot(
         [int(r["env_steps"]) for r in rollout],
-        [float(r["rollout_success_rate"]) for r in rollout],
+        [float(r["success_rate"]) for r in rollout],
         alpha=0.6,
         label="rollouts (noisy policy)",
     )

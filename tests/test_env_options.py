@@ -104,3 +104,9 @@ def test_checkpoints_record_env_options_and_eval_rebuilds_that_env(tmp_path):
     assert main([*evaluate, "progress=false"]) == 0  # default env=hopper: the checkpoint's env wins
     result = json.loads((tmp_path / "e" / "eval.json").read_text())
     assert result["env"] == "robo_rlft/Tabletop-LiftCube-v0" and result["return_mean"] < 0
+
+
+def test_the_tabletop_experiment_preset_composes_over_any_task():
+    cfg = compose_config(["experiment=tabletop", "env.task=OpenDrawer"])
+    assert (cfg.env.name, cfg.env.task, cfg.env.num_envs) == ("tabletop", "OpenDrawer", 32)
+    assert cfg.algo.actor_lr == 3e-5 and cfg.algo.eval_episodes == 50
