@@ -100,6 +100,9 @@ def save_policy(
         "metadata": metadata or {},
     }
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    # Files a policy needs beside its weights (a VLA's VLM config, tokenizer and processor config).
+    if hasattr(policy, "save_assets"):
+        policy.save_assets(tmp)
     apply_umask(tmp)
     if path.exists():
         old = path.with_name(f".{path.name}.old")
@@ -157,7 +160,13 @@ def load_policy(
                 f"but the environment needs {name}={want}."
             )
     model_cls, config_cls = policy_classes(ptype)
-    policy = model_cls(config["obs_dim"], config["action_dim"], _config_from_dict(config_cls, config["config"]))
+    policy_config = _config_from_dict(config_cls, config["config"])
+    if hasattr(model_cls, "from_checkpoint_dir"):
+        # A policy with assets (a VLA) is built from the checkpoint's own copy of them, not from the paths
+        # in its config.
+        policy = model_cls.from_checkpoint_dir(path, config["obs_dim"], config["action_dim"], policy_config)
+    else:
+        policy = model_cls(config["obs_dim"], config["action_dim"], policy_config)
     weights = load_file(path / WEIGHTS_FILE)
     weights.update({_NORMALIZER_PREFIX + k: v for k, v in load_file(path / NORMALIZATION_FILE).items()})
     base = {k[len(_BASE_PREFIX) :]: weights.pop(k) for k in list(weights) if k.startswith(_BASE_PREFIX)}

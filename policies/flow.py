@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -174,38 +175,7 @@ class FlowPolicy(nn.Module):
         training RNG stream.
         """
         obs_norm = self.normalizer.normalize_obs(obs)
-        batch, device = obs.shape[0], obs.device
-        x = torch.randn(batch, self.horizon, self.action_dim, device=device, generator=generator)
-        if deterministic:
-            stochastic = torch.zeros(batch, self.num_steps, dtype=torch.bool, device=device)
-        else:
-            stochastic = self.noise.stochastic_mask(batch, self.num_steps, device, generator)  # (B, K)
-        chain, log_probs, stds = [x], [], []
-        for k in range(self.num_steps):
-            inputs = self.step_inputs(x, torch.full((batch,), k, device=device, dtype=torch.long), obs_norm)
-            x_next = x + inputs.velocity * inputs.dt  # the ODE (Euler) step
-            noisy = stochastic[:, k]  # (B,)
-            log_prob, std = torch.zeros_like(x), torch.zeros_like(x)
-            if noisy.any():
-                mean, std_k = self.noise.mean_std(inputs.select(noisy))
-                x_noisy = mean + std_k * torch.randn(mean.shape, device=device, generator=generator)
-                x_next[noisy] = x_noisy
-                log_prob[noisy] = gaussian_log_prob(x_noisy, mean, std_k)
-                std[noisy] = std_k
-            x = x_next
-            chain.append(x)
-            log_probs.append(log_prob)
-            stds.append(std)
-        # The clip to [-1, 1] acts on the executed action only; the likelihood is of the unclipped
-        # chain, which is exact if the clip is seen as part of the environment.
-        actions = self.normalizer.unnormalize_action(x.clamp(-1.0, 1.0))
-        return ChainSample(
-            actions=actions,
-            chain=torch.stack(chain, 1),
-            log_prob=torch.stack(log_probs, 1),
-            std=torch.stack(stds, 1),
-            stochastic=stochastic,
-        )
+        return sample_flow_chain(self, obs_norm, obs.shape[0], deterministic, generator)
 
     def log_prob_and_entropy(
         self, obs: torch.Tensor, chain: torch.Tensor, stochastic: torch.Tensor
@@ -251,3 +221,51 @@ class FlowPolicy(nn.Module):
             target = (first + self.velocity(midpoint, t[sc] + d, obs_norm[sc], d)) / 2
         sc_loss = (self.velocity(x_t[sc], t[sc], obs_norm[sc], 2 * d) - target).pow(2).mean()
         return {"flow_matching": fm_loss, "self_consistency": sc_loss}
+
+
+def sample_flow_chain(
+    policy: nn.Module,
+    cond: Any,
+    batch: int,
+    deterministic: bool = False,
+    generator: torch.Generator | None = None,
+) -> ChainSample:
+    """K Euler steps of a flow policy from ``x_0 ~ N(0, I)``, each made stochastic where the noise scheme says.
+
+    The one sampling loop of every flow-matching policy (``FlowPolicy``, the VLA's action expert): ``policy``
+    provides ``step_inputs(x (B,H,A), k (B,), cond) -> StepInputs``, ``noise`` (the scheme), ``num_steps``,
+    ``horizon``, ``action_dim`` and ``normalizer``; ``cond`` is whatever its ``step_inputs`` conditions on
+    (normalised observations, a VLA's cached prefix) for ``batch`` observations.
+    """
+    device = policy.normalizer.obs_mean.device
+    x = torch.randn(batch, policy.horizon, policy.action_dim, device=device, generator=generator)
+    if deterministic:
+        stochastic = torch.zeros(batch, policy.num_steps, dtype=torch.bool, device=device)
+    else:
+        stochastic = policy.noise.stochastic_mask(batch, policy.num_steps, device, generator)  # (B, K)
+    chain, log_probs, stds = [x], [], []
+    for k in range(policy.num_steps):
+        inputs = policy.step_inputs(x, torch.full((batch,), k, device=device, dtype=torch.long), cond)
+        x_next = x + inputs.velocity * inputs.dt  # the ODE (Euler) step
+        noisy = stochastic[:, k]  # (B,)
+        log_prob, std = torch.zeros_like(x), torch.zeros_like(x)
+        if noisy.any():
+            mean, std_k = policy.noise.mean_std(inputs.select(noisy))
+            x_noisy = mean + std_k * torch.randn(mean.shape, device=device, generator=generator)
+            x_next[noisy] = x_noisy
+            log_prob[noisy] = gaussian_log_prob(x_noisy, mean, std_k)
+            std[noisy] = std_k
+        x = x_next
+        chain.append(x)
+        log_probs.append(log_prob)
+        stds.append(std)
+    # The clip to [-1, 1] acts on the executed action only; the likelihood is of the unclipped
+    # chain, which is exact if the clip is seen as part of the environment.
+    actions = policy.normalizer.unnormalize_action(x.clamp(-1.0, 1.0))
+    return ChainSample(
+        actions=actions,
+        chain=torch.stack(chain, 1),
+        log_prob=torch.stack(log_probs, 1),
+        std=torch.stack(stds, 1),
+        stochastic=stochastic,
+    )

@@ -5,11 +5,13 @@ from __future__ import annotations
 from policies.diffusion import DiffusionPolicy, DiffusionPolicyConfig
 from policies.flow import FlowPolicy, FlowPolicyConfig
 from policies.gaussian import GaussianPolicy, GaussianPolicyConfig
+from policies.vla import VLAPolicy, VLAPolicyConfig
 
 POLICIES: dict[str, tuple[type, type]] = {
     "flow": (FlowPolicy, FlowPolicyConfig),
     "diffusion": (DiffusionPolicy, DiffusionPolicyConfig),
     "gaussian": (GaussianPolicy, GaussianPolicyConfig),
+    "vla": (VLAPolicy, VLAPolicyConfig),
 }
 
 
