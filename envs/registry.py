@@ -84,13 +84,15 @@ class StateVectorObservation(gym.ObservationWrapper):
         return np.concatenate([observation[key] for key in self.KEYS if key in observation]).astype(np.float32)
 
 
-def make_env(name: str, **kwargs: Any) -> gym.Env:
+def make_env(name: str, flatten: bool = True, **kwargs: Any) -> gym.Env:
     """Create one (un-chunked) environment by short name or id; ``kwargs`` go to ``gym.make``.
 
-    Envs with Dict observations (tabletop, LIBERO) come wrapped in :class:`StateVectorObservation`.
+    With ``flatten`` (the default, what state-based policies take), envs with Dict observations (tabletop,
+    LIBERO) come wrapped in :class:`StateVectorObservation`; ``flatten=False`` keeps the Dict (images and
+    state, for image-based policies).
     """
     register_envs()
     env = gym.make(resolve_env_id(name), **kwargs)
-    if isinstance(env.observation_space, gym.spaces.Dict):
+    if flatten and isinstance(env.observation_space, gym.spaces.Dict):
         env = StateVectorObservation(env)
     return env

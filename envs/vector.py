@@ -19,8 +19,10 @@ def make_vector_env(
     act_steps: int,
     asynchronous: bool = False,
     env_kwargs: Mapping[str, Any] | None = None,
+    flatten: bool = True,
 ) -> gym.vector.VectorEnv:
-    """``num_envs`` chunked copies of env ``name``, each made with ``make_env(name, **env_kwargs)``.
+    """``num_envs`` chunked copies of env ``name``, each made with ``make_env(name, flatten, **env_kwargs)``
+    (``flatten=False`` keeps Dict observations, see :func:`envs.make_env`).
 
     Autoreset is SAME_STEP: when a sub-env ends, the returned observation is already the reset one
     and the true last observation is in ``info["final_obs"]`` (with ``info["_final_obs"]`` as mask),
@@ -31,7 +33,7 @@ def make_vector_env(
         raise ValueError(f"num_envs must be >= 1, got {num_envs}.")
 
     def thunk() -> gym.Env:
-        return ChunkedEnv(make_env(name, **(env_kwargs or {})), horizon=horizon, act_steps=act_steps)
+        return ChunkedEnv(make_env(name, flatten=flatten, **(env_kwargs or {})), horizon=horizon, act_steps=act_steps)
 
     cls = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
     return cls([thunk] * num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)

@@ -267,6 +267,8 @@ class VLAPolicy(nn.Module):
     """
 
     policy_type = "vla"
+    # Takes images, state and instruction (a VLAObservation), not the flat state vector: robo_rlft.observations.
+    observation_kind = "vla"
     FINETUNE_FIELDS: tuple[str, ...] = ("noise",)
 
     def __init__(self, obs_dim: int, action_dim: int, config: VLAPolicyConfig, vlm_dir: str | Path | None = None):

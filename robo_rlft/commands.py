@@ -18,6 +18,7 @@ from policies.checkpoint import load_policy, read_checkpoint_config, save_policy
 from policies.registry import policy_classes
 from robo_rlft.checkpointing import latest_checkpoint
 from robo_rlft.config import Config
+from robo_rlft.observations import ObservationAdapter
 
 logger = logging.getLogger("robo_rlft")
 
@@ -96,10 +97,14 @@ def resolve_checkpoint(path: str) -> Path:
     return candidate
 
 
-def _env_dims(env_name: str, env_kwargs: dict | None = None) -> tuple[int, int]:
-    env = make_env(env_name, **(env_kwargs or {}))
+def _env_dims(
+    env_name: str, env_kwargs: dict | None = None, adapter: ObservationAdapter | None = None
+) -> tuple[int, int]:
+    """``(obs_dim, action_dim)`` of a policy in env ``env_name`` (``adapter``: the policy's; default: state)."""
+    adapter = adapter or ObservationAdapter()
+    env = make_env(env_name, flatten=adapter.flatten, **(env_kwargs or {}))
     try:
-        return env.observation_space.shape[0], env.action_space.shape[0]
+        return adapter.obs_dim(env.observation_space), env.action_space.shape[0]
     finally:
         env.close()
 
@@ -162,15 +167,15 @@ def pretrain(cfg: Config, overrides: list[str]) -> None:
     data_env = dataset.meta.get("env")
     if data_env is not None and resolve_env_id(data_env) != resolve_env_id(cfg.env.env_id):
         raise ValueError(f"Dataset was recorded on env {data_env!r} but the config's env is {cfg.env.env_id!r}.")
-    obs_dim, action_dim = _env_dims(cfg.env.env_id, cfg.env.make_kwargs())
-    if (dataset.obs_dim, dataset.act_dim) != (obs_dim, action_dim):
-        raise ValueError(
-            f"Dataset dims (obs {dataset.obs_dim}, action {dataset.act_dim}) do not match env {cfg.env.env_id!r} "
-            f"(obs {obs_dim}, action {action_dim})."
-        )
+    adapter = ObservationAdapter.for_policy(policy_classes(cfg.policy.name)[0], cfg.policy)
+    obs_dim, action_dim = _env_dims(cfg.env.env_id, cfg.env.make_kwargs(), adapter)
+    adapter.check_dataset(dataset, cfg.env.env_id, obs_dim, action_dim, cfg.env.image_size)
     run_dir = _setup(cfg, "pretrain")
     policy = pretrain_bc(cfg, run_dir, _new_policy(cfg, obs_dim, action_dim), dataset)
-    metadata = {**policy_metadata(cfg, "robo-rlft pretrain"), "dataset": str(cfg.pretrain.dataset)}
+    metadata = {
+        **policy_metadata(cfg, "robo-rlft pretrain", cameras=adapter.uses_images),
+        "dataset": str(cfg.pretrain.dataset),
+    }
     save_policy(policy, run_dir / "final", metadata, include_noise=False)
     if cfg.pretrain.eval_episodes:
         result = evaluate_policy(
@@ -179,7 +184,7 @@ def pretrain(cfg: Config, overrides: list[str]) -> None:
             cfg.pretrain.eval_episodes,
             cfg.env.act_steps,
             device=cfg.device,
-            env_kwargs=cfg.env.make_kwargs(),
+            env_kwargs=cfg.env.make_kwargs(cameras=adapter.uses_images),
         )
         _write_eval(run_dir, result)
 
@@ -191,6 +196,11 @@ def finetune(cfg: Config, overrides: list[str]) -> None:
     from robo_rlft.cli import config_from_saved
 
     _seed_everything(cfg)
+    if cfg.policy.name == "vla":
+        raise ValueError(
+            "policy=vla fine-tuning through the CLI is not available yet; pretrain and eval are "
+            "(`robo-rlft pretrain policy=vla ...`, `robo-rlft eval eval.checkpoint=...`)."
+        )
     if cfg.resume:
         run_dir = Path(cfg.resume)
         saved = run_dir / CONFIG_FILE
@@ -261,7 +271,8 @@ def evaluate(cfg: Config, overrides: list[str]) -> None:
     if "env" in metadata:
         env_name, env_kwargs = metadata["env"], metadata.get("env_kwargs", {})
     else:
-        env_name, env_kwargs = cfg.env.env_id, cfg.env.make_kwargs()
+        env_name = cfg.env.env_id
+        env_kwargs = cfg.env.make_kwargs(cameras=ObservationAdapter.for_policy(policy).uses_images)
     act_steps = metadata.get("act_steps", cfg.env.act_steps)
     policy.to(cfg.device)
     result = evaluate_policy(

@@ -21,6 +21,7 @@ from policies.critic import CriticConfig
 from policies.diffusion import DiffusionPolicyConfig
 from policies.flow import FlowPolicyConfig
 from policies.gaussian import GaussianPolicyConfig
+from policies.vla import VLAPolicyConfig
 
 RATIO_UNITS: tuple[str, ...] = ("chain", "transition")
 
@@ -182,6 +183,21 @@ class GaussianPolicySection(GaussianPolicyConfig, RunPolicyFields):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("policy.name", self.name, ["gaussian"])
+
+
+@dataclass
+class VLAPolicySection(VLAPolicyConfig, RunPolicyFields):
+    """``policy=vla``: a π0-shaped vision-language-action policy (``policies.vla.VLAPolicyConfig``).
+
+    It takes camera images: ``env.cameras`` must include every one of ``policy.cameras`` (checked in
+    :class:`Config`). Supervised pretraining and evaluation run through the CLI; RL fine-tuning does not yet.
+    """
+
+    name: str = "vla"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("policy.name", self.name, ["vla"])
 
 
 @dataclass
@@ -430,6 +446,14 @@ class Config:
                 f"env.num_envs={self.env.num_envs} must be a multiple of algo.group_size={self.algo.group_size} "
                 "(each group of rollouts shares one initial state)."
             )
+        if self.policy.name == "vla":
+            missing = [camera for camera in self.policy.cameras if camera not in self.env.cameras]
+            if missing:
+                raise ValueError(
+                    f"policy=vla takes images of policy.cameras={list(self.policy.cameras)}, but env.cameras="
+                    f"{list(self.env.cameras)} lacks {missing}: the env must render every camera of the policy; pass "
+                    f"env.cameras=[{','.join(dict.fromkeys([*self.env.cameras, *self.policy.cameras]))}]."
+                )
         if self.env.act_steps > self.policy.horizon:
             raise ValueError(
                 f"env.act_steps={self.env.act_steps} exceeds policy.horizon={self.policy.horizon}: "
@@ -444,6 +468,7 @@ POLICY_SECTIONS: dict[str, type] = {
     "flow": FlowPolicySection,
     "diffusion": DiffusionPolicySection,
     "gaussian": GaussianPolicySection,
+    "vla": VLAPolicySection,
 }
 
 

@@ -15,6 +15,7 @@ from envs import make_env, make_vector_env, step_info_value
 from policies.checkpoint import save_policy
 from robo_rlft.config import Config
 from robo_rlft.metrics import MetricLogger
+from robo_rlft.observations import ObservationAdapter, add_batch_dim
 from robo_rlft.stats import mean_ci95, wilson_ci95
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ def evaluate_policy(
     seed are identical, and evaluating never moves the training RNG. The default seed range is far
     from training seeds. Envs that define fixed evaluation init states (``num_fixed_init_states``,
     the tabletop tasks) are evaluated on them instead: episode ``i`` starts from fixed state ``i``.
+    Image-based policies (a VLA) need ``env_kwargs`` with their cameras; see :mod:`robo_rlft.observations`.
 
     Returns:
         ``return_mean``, ``return_ci95`` (t-interval half-width), ``success_rate`` and
@@ -48,7 +50,10 @@ def evaluate_policy(
     policy.eval()
     returns, lengths, successes = [], [], []
     has_success = False
-    envs = make_vector_env(env_name, min(num_envs, num_episodes), policy.horizon, act_steps, env_kwargs=env_kwargs)
+    adapter = ObservationAdapter.for_policy(policy)
+    envs = make_vector_env(
+        env_name, min(num_envs, num_episodes), policy.horizon, act_steps, env_kwargs=env_kwargs, flatten=adapter.flatten
+    )
     generator = torch.Generator(device=device).manual_seed(seed)
     # LIBERO-style envs define fixed evaluation init states: episode i then starts from state i.
     fixed_states = _fixed_init_states(envs)
@@ -63,7 +68,7 @@ def evaluate_policy(
             ep_success = np.zeros(envs.num_envs, dtype=bool)
             active = np.arange(envs.num_envs) < n
             while active.any():
-                obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
+                obs_t = adapter(obs, adapter.instructions(envs), device)
                 actions = policy.sample(obs_t, deterministic=True, generator=generator).actions
                 obs, reward, terminated, truncated, info = envs.step(actions.cpu().numpy())
                 ended = terminated | truncated
@@ -106,11 +111,12 @@ def _fixed_init_states(envs: gym.vector.VectorEnv) -> int:
         return 0
 
 
-def policy_metadata(cfg: Config, trained_by: str) -> dict[str, Any]:
-    """What a checkpoint records about its env, so ``robo-rlft eval`` rebuilds the same one."""
+def policy_metadata(cfg: Config, trained_by: str, cameras: bool = False) -> dict[str, Any]:
+    """What a checkpoint records about its env, so ``robo-rlft eval`` rebuilds the same one (``cameras``: with
+    the env's cameras, for image-based policies)."""
     return {
         "env": cfg.env.env_id,
-        "env_kwargs": cfg.env.make_kwargs(),
+        "env_kwargs": cfg.env.make_kwargs(cameras=cameras),
         "act_steps": cfg.env.act_steps,
         "trained_by": trained_by,
     }
@@ -185,7 +191,8 @@ def record_video(
     import imageio.v2 as imageio
 
     # The plain env, stepped one action at a time, so the video shows every simulator frame.
-    env = make_env(env_name, render_mode="rgb_array", **(env_kwargs or {}))
+    adapter = ObservationAdapter.for_policy(policy)
+    env = make_env(env_name, render_mode="rgb_array", flatten=adapter.flatten, **(env_kwargs or {}))
     was_training = policy.training
     policy.eval()
     device = next(policy.parameters()).device
@@ -195,7 +202,7 @@ def record_video(
         frames = [env.render()]
         done = False
         while not done:
-            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+            obs_t = adapter(add_batch_dim(obs), adapter.instructions(env), device)
             chunk = policy.sample(obs_t, deterministic=True, generator=generator).actions[0]  # (H, A)
             for action in chunk[:act_steps].cpu().numpy():
                 obs, _, terminated, truncated, _ = env.step(action)

@@ -186,7 +186,7 @@ def counter_vector_env(monkeypatch):
             CounterEnv(terminate_at=4),
         ]
     )
-    monkeypatch.setattr("envs.vector.make_env", lambda name: next(made))
+    monkeypatch.setattr("envs.vector.make_env", lambda name, **kwargs: next(made))
     vec = make_vector_env("hopper", num_envs=2, horizon=2, act_steps=2)
     yield vec
     vec.close()

@@ -14,6 +14,7 @@ from policies.normalizer import Normalizer
 from robo_rlft.config import Config
 from robo_rlft.data import DemoDataset
 from robo_rlft.metrics import MetricLogger
+from robo_rlft.observations import ObservationAdapter
 from robo_rlft.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -24,14 +25,19 @@ LOG_EVERY = 200
 def pretrain_bc(cfg: Config, run_dir: Path, policy: torch.nn.Module, dataset: DemoDataset) -> torch.nn.Module:
     """Fit ``policy`` to ``dataset``; returns the EMA copy (the one to evaluate and save).
 
-    The normaliser is set from the dataset statistics first, so the checkpoint carries them.
+    The normaliser is set from the dataset statistics first, so the checkpoint carries them. The policy's
+    inputs come from :meth:`robo_rlft.observations.ObservationAdapter.dataset_inputs`: the flat observations,
+    or for a VLA its cameras' images, the instructions and the ``state`` dims (kept on the CPU; the policy
+    moves each minibatch to its device).
     """
     pre, device = cfg.pretrain, torch.device(cfg.device)
-    policy.normalizer.load_state_dict(Normalizer.from_stats(dataset.stats()).state_dict())
-    obs_np, chunks_np = dataset.action_chunks(policy.horizon)  # (M, obs_dim), (M, H, A)
-    obs = torch.as_tensor(obs_np, dtype=torch.float32, device=device)
+    obs, stats = ObservationAdapter.for_policy(policy).dataset_inputs(dataset)  # M rows: (M, obs_dim) or VLA
+    policy.normalizer.load_state_dict(Normalizer.from_stats(stats).state_dict())
+    if isinstance(obs, torch.Tensor):
+        obs = obs.to(device)
+    _, chunks_np = dataset.action_chunks(policy.horizon)  # (M, H, A)
     chunks = torch.as_tensor(chunks_np, dtype=torch.float32, device=device)
-    logger.info("Pretraining on %d chunks from %d episodes.", len(obs), dataset.num_episodes)
+    logger.info("Pretraining on %d chunks from %d episodes.", len(chunks), dataset.num_episodes)
     policy.to(device).train()
     ema = copy.deepcopy(policy).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=pre.lr, weight_decay=pre.weight_decay)
@@ -42,7 +48,7 @@ def pretrain_bc(cfg: Config, run_dir: Path, policy: torch.nn.Module, dataset: De
     running, tic = [], time.perf_counter()
     try:
         for step in range(1, pre.gradient_steps + 1):
-            idx = torch.randint(len(obs), (min(pre.batch_size, len(obs)),), generator=generator).to(device)
+            idx = torch.randint(len(chunks), (min(pre.batch_size, len(chunks)),), generator=generator).to(device)
             losses = policy.pretrain_loss(obs[idx], chunks[idx])
             loss = sum(losses.values())
             if not torch.isfinite(loss):

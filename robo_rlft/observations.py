@@ -1,0 +1,188 @@
+"""Env observations and dataset steps -> what a policy's ``sample`` and ``pretrain_loss`` take, in one place.
+
+A policy class says what it takes with its attribute ``observation_kind``:
+
+- ``"state"`` (policies without the attribute: flow, diffusion, Gaussian): the flat state vector
+  ``[state, object_state]`` of ``envs.make_env`` (Dict observations flattened), as a ``(B, obs_dim)`` tensor;
+- ``"vla"`` (:class:`policies.vla.VLAPolicy`): its cameras' images, the 8-D ``state`` and the language
+  instruction, as a :class:`policies.vla_backbone.VLAObservation`. Its envs keep Dict observations and render
+  the cameras, and its ``obs_dim`` is the size of ``state``.
+
+Verbs and evaluation build one :class:`ObservationAdapter` per policy and use it for the env options
+(``flatten``), the policy's ``obs_dim``, each observation batch and the dataset; nothing else branches on the
+policy family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from policies.vla_backbone import STATE_KEY, VLAObservation
+from robo_rlft.data import DemoDataset
+
+STATE_KIND = "state"
+VLA_KIND = "vla"
+OBSERVATION_KINDS: tuple[str, ...] = (STATE_KIND, VLA_KIND)
+# What the user runs to record images into a dataset (named in errors).
+_COLLECT_HINT = "robo-rlft collect env=tabletop env.task=... env.cameras=[{cameras}]"
+
+
+def add_batch_dim(obs: Any) -> Any:
+    """One env's observation (an array or a Dict of arrays) as a batch of one."""
+    if isinstance(obs, Mapping):
+        return {key: np.asarray(value)[None] for key, value in obs.items()}
+    return np.asarray(obs)[None]
+
+
+@dataclass(frozen=True)
+class ObservationAdapter:
+    """Turns env observations (and dataset steps) into a policy's input.
+
+    Attributes:
+        kind: one of ``OBSERVATION_KINDS``.
+        cameras: (``vla``) the policy's cameras, in the order its prefix takes them.
+    """
+
+    kind: str = STATE_KIND
+    cameras: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in OBSERVATION_KINDS:
+            raise ValueError(f"observation_kind={self.kind!r} is not allowed; choose one of {list(OBSERVATION_KINDS)}.")
+        if self.uses_images and not self.cameras:
+            raise ValueError("An image-based policy needs at least one camera (policy.cameras is empty).")
+
+    @classmethod
+    def for_policy(cls, policy: torch.nn.Module | type, config: Any | None = None) -> ObservationAdapter:
+        """The adapter of a policy instance, or of a policy class with its config (before it is built)."""
+        kind = getattr(policy, "observation_kind", STATE_KIND)
+        config = policy.config if config is None else config
+        return cls(kind, tuple(config.cameras) if kind == VLA_KIND else ())
+
+    @property
+    def uses_images(self) -> bool:
+        """The policy needs camera images: its envs render ``cameras`` (``EnvConfig.make_kwargs(cameras=True)``)."""
+        return self.kind == VLA_KIND
+
+    @property
+    def flatten(self) -> bool:
+        """``flatten`` of ``envs.make_env`` / ``make_vector_env``: state policies take the flat vector."""
+        return not self.uses_images
+
+    def obs_dim(self, observation_space: gym.Space) -> int:
+        """The policy's ``obs_dim`` in an env made with :attr:`flatten`: the flat size, or the ``state`` size."""
+        if self.uses_images:
+            return int(observation_space[STATE_KEY].shape[0])
+        return int(observation_space.shape[0])
+
+    def instructions(self, env: gym.Env | gym.vector.VectorEnv) -> list[str] | None:
+        """The current language instruction of each env (``env.instruction``); None for state policies."""
+        if not self.uses_images:
+            return None
+        if isinstance(env, gym.vector.VectorEnv):
+            return [str(text) for text in env.get_attr("instruction")]
+        return [str(env.get_wrapper_attr("instruction"))]
+
+    def __call__(
+        self, obs: Any, instructions: Sequence[str] | None, device: str | torch.device
+    ) -> torch.Tensor | VLAObservation:
+        """A batch of env observations -> the policy's input.
+
+        Args:
+            obs: state policies: ``(B, obs_dim)`` array; ``vla``: a batched Dict observation
+                (``<camera>_image (B, H, W, 3)`` uint8, ``state (B, 8)``, ...).
+            instructions: ``B`` instructions (``vla``; see :meth:`instructions`), ignored otherwise.
+        """
+        if not self.uses_images:
+            return torch.as_tensor(obs, dtype=torch.float32, device=device)
+        if instructions is None:
+            raise ValueError("An image-based policy needs the instructions of the observations; got None.")
+        return VLAObservation.from_env(obs, instructions, self.cameras, device=device)
+
+    # ---- datasets ------------------------------------------------------------------------------------------
+
+    def check_dataset(
+        self, dataset: DemoDataset, env_name: str, obs_dim: int, action_dim: int, image_size: int | None = None
+    ) -> None:
+        """Raise a ValueError naming what ``dataset`` lacks for this policy in env ``env_name`` of these dims.
+
+        ``image_size`` (``env.image_size``, ``vla``): the size the env renders at evaluation, which the dataset's
+        images must have been recorded at.
+        """
+        if not self.uses_images:
+            if (dataset.obs_dim, dataset.act_dim) != (obs_dim, action_dim):
+                raise ValueError(
+                    f"Dataset dims (obs {dataset.obs_dim}, action {dataset.act_dim}) do not match env {env_name!r} "
+                    f"(obs {obs_dim}, action {action_dim})."
+                )
+            return
+        self._check_images_and_instructions(dataset)
+        state_slice = self._state_slice(dataset)
+        state_dim = state_slice.stop - state_slice.start
+        if (state_dim, dataset.act_dim) != (obs_dim, action_dim):
+            raise ValueError(
+                f"Dataset dims (state {state_dim}, action {dataset.act_dim}) do not match env {env_name!r} "
+                f"(state {obs_dim}, action {action_dim})."
+            )
+        sizes = {camera: dataset.images[camera].shape[1:3] for camera in self.cameras}
+        if image_size is not None and any(size != (image_size, image_size) for size in sizes.values()):
+            shown = {camera: f"{h}x{w}" for camera, (h, w) in sizes.items()}
+            raise ValueError(
+                f"The dataset's images are {shown} but env.image_size="
+                f"{image_size}: evaluation would render another size; pass the collect run's env.image_size."
+            )
+
+    def dataset_inputs(self, dataset: DemoDataset) -> tuple[torch.Tensor | VLAObservation, dict[str, np.ndarray]]:
+        """The policy input of every dataset step (row ``t`` pairs with ``dataset.action_chunks(H)[1][t]``) and
+        the normaliser's statistics (``Normalizer.from_stats``).
+
+        Returns:
+            State policies: ``(N, obs_dim)`` float32 tensor and ``dataset.stats()``. ``vla``: a ``VLAObservation``
+            of N rows (images shared with the dataset, on the CPU; the policy moves each minibatch) and the stats
+            with ``obs_mean``/``obs_std`` of the ``state`` dims only.
+        """
+        if not self.uses_images:
+            return torch.as_tensor(dataset.observations, dtype=torch.float32), dataset.stats()
+        self._check_images_and_instructions(dataset)
+        state_slice = self._state_slice(dataset)
+        stats = dataset.stats()
+        stats = {**stats, "obs_mean": stats["obs_mean"][state_slice], "obs_std": stats["obs_std"][state_slice]}
+        inputs = VLAObservation(
+            images={camera: torch.from_numpy(dataset.images[camera]) for camera in self.cameras},  # (N, H, W, 3)
+            instructions=[str(text) for text in dataset.instructions],
+            state=torch.as_tensor(dataset.observations[:, state_slice], dtype=torch.float32),  # (N, state_dim)
+        )
+        return inputs, stats
+
+    def _check_images_and_instructions(self, dataset: DemoDataset) -> None:
+        record = _COLLECT_HINT.format(cameras=",".join(self.cameras))
+        missing = [camera for camera in self.cameras if camera not in dataset.images]
+        if missing:
+            raise ValueError(
+                f"The dataset has no images of cameras {missing} (it has {sorted(dataset.images) or 'none'}), which "
+                f"policy.cameras={list(self.cameras)} needs; record them at collect time: `{record}`."
+            )
+        if dataset.instructions is None:
+            raise ValueError(f"The dataset has no instructions, which the VLA needs; record a new one: `{record}`.")
+
+    @staticmethod
+    def _state_slice(dataset: DemoDataset) -> slice:
+        """Where ``state`` sits in the dataset's flat observations (``meta["observation_layout"]``, in order)."""
+        layout = dataset.meta.get("observation_layout")
+        if not isinstance(layout, dict) or STATE_KEY not in layout:
+            raise ValueError(
+                f"The dataset's meta has no observation_layout with {STATE_KEY!r} (got {layout!r}), so its state "
+                "cannot be told apart from the object state; record it with `robo-rlft collect` on env=tabletop."
+            )
+        start = 0
+        for key, size in layout.items():
+            if key == STATE_KEY:
+                return slice(start, start + int(size))
+            start += int(size)
+        raise AssertionError("unreachable: STATE_KEY is in the layout")
