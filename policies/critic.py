@@ -18,9 +18,11 @@ class CriticConfig:
 
 
 class ValueCritic(nn.Module):
-    """MLP value function on *normalised* observations: ``(B, obs_dim) -> (B,)``."""
+    """MLP value function ``(B, D) -> (B,)`` on ``robo_rlft.observations.ObservationAdapter.critic_features``: the
+    *normalised* observation of a state policy (D = obs_dim), a VLA's pooled features and normalised state."""
 
     def __init__(self, obs_dim: int, config: CriticConfig) -> None:
+        """``obs_dim``: D, the size of the critic's input."""
         super().__init__()
         self.net = mlp(obs_dim, config.hidden_dims, 1, activation=nn.Mish)
 

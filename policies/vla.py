@@ -142,16 +142,18 @@ class VLAConditioning:
         rows: ``(N,)`` which observation each of the N (chain, step) pairs uses, or None for N = B.
             Indexing composes ``rows`` instead of copying the prefix, so re-scoring B*K pairs costs one
             prefix per observation, not per pair.
+        pooled_prefix: ``(B, D)`` the prefix features averaged over their real tokens (a critic's input).
     """
 
     state: torch.Tensor
     prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]
     prefix_mask: torch.Tensor
     rows: torch.Tensor | None = None
+    pooled_prefix: torch.Tensor | None = None
 
     def __getitem__(self, rows: torch.Tensor) -> VLAConditioning:
         composed = rows if self.rows is None else self.rows[rows]
-        return VLAConditioning(self.state, self.prefix_kv, self.prefix_mask, composed)
+        return dataclasses.replace(self, rows=composed)
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """A per-observation ``(B, ...)`` tensor as per-pair ``(N, ...)``."""
@@ -351,9 +353,30 @@ class VLAPolicy(nn.Module):
         return SCHEMES[config.scheme](obs_time_dim, self.config.expert_width, self.horizon, self.action_dim, config)
 
     def configure_finetuning(self, settings: Any) -> VLAPolicy:
-        """Apply the fine-tuning fields (``FINETUNE_FIELDS``) of a run's policy config; returns the policy."""
+        """Apply the fine-tuning fields (``FINETUNE_FIELDS``) of a run's policy config; returns the policy.
+
+        ``settings.lora_rank > 0`` on a checkpoint without adapters adds them (:meth:`add_lora`); with 0 the
+        checkpoint's own backbone training mode (frozen, or its adapters) is kept.
+        """
         self.configure_noise(settings.noise)
+        if settings.lora_rank > 0 and settings.lora_rank != self.config.lora_rank:
+            self.add_lora(settings.lora_rank, settings.lora_alpha, settings.lora_target_modules)
         return self
+
+    def add_lora(self, rank: int, alpha: float, target_modules: list[str]) -> None:
+        """Add LoRA adapters to the frozen VLM of a policy that has none (e.g. RL on a checkpoint pretrained with a
+        frozen backbone). LoRA's B matrices start at zero, so the policy computes exactly what it did before."""
+        if self.config.lora_rank > 0:
+            raise ValueError(
+                f"The policy already has LoRA adapters of rank {self.config.lora_rank}; train them with "
+                f"policy.lora_rank={self.config.lora_rank} (or 0, which keeps the checkpoint's), not {rank}."
+            )
+        device = self.normalizer.obs_mean.device
+        self.config = dataclasses.replace(
+            self.config, lora_rank=rank, lora_alpha=alpha, lora_target_modules=list(target_modules)
+        )  # validates: LoRA needs freeze_backbone=true
+        self._configure_backbone_training()
+        self.to(device)
 
     def configure_noise(self, config: FlowNoiseConfig) -> None:
         """Switch the noise scheme; the same scheme and head shape keep a trained head's weights."""
@@ -379,8 +402,48 @@ class VLAPolicy(nn.Module):
         grad = self.backbone_trainable and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad), self._autocast():
             prefix = self.backbone(obs, self.config.cameras)
-        prefix_kv = self.expert.prefix_kv(prefix.features.float())
-        return VLAConditioning(self.normalizer.normalize_obs(obs.state), prefix_kv, prefix.mask)
+        features = prefix.features.float()  # (B, L, D)
+        mask = prefix.mask[..., None].float()  # (B, L, 1)
+        pooled = (features * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B, D): mean over the real tokens
+        prefix_kv = self.expert.prefix_kv(features)
+        return VLAConditioning(self.normalizer.normalize_obs(obs.state), prefix_kv, prefix.mask, pooled_prefix=pooled)
+
+    # ---- the critic's input ----
+    def critic_feature_dim(self, source: str = "prefix") -> int:
+        """Size of :meth:`critic_features`: the VLM's (``prefix``) or the expert's (``expert``) width + ``obs_dim``."""
+        pooled = {"prefix": self.backbone.hidden_size, "expert": self.config.expert_width}
+        if source not in pooled:
+            raise ValueError(f"policy.critic_input={source!r} is not allowed; choose one of {list(pooled)}.")
+        return pooled[source] + self.obs_dim
+
+    @torch.no_grad()
+    def critic_features(self, obs: VLAObservation, source: str = "prefix") -> torch.Tensor:
+        """``(B, D)`` detached features a value head ``V(o)`` takes: pooled features and the normalised state.
+
+        ``prefix``: the mean of the VLM prefix over its real (unpadded) tokens, ``(B, hidden_size)``. ``expert``:
+        the action expert's pooled features at the start of the chain with the noise's mean (``x = 0, t = 0``),
+        ``(B, expert_width)``: a deterministic function of the observation, as a critic input must be. Detached:
+        the critic's loss never moves the policy (the VLA has no shared trunk that both would train).
+        """
+        return self._critic_features(self.condition(obs), source)
+
+    @torch.no_grad()
+    def sample_with_critic_features(
+        self, obs: VLAObservation, source: str = "prefix", generator: torch.Generator | None = None
+    ) -> tuple[ChainSample, torch.Tensor]:
+        """:meth:`sample` (stochastic) and :meth:`critic_features` of ``obs`` from one VLM forward."""
+        cond = self.condition(obs)
+        return sample_flow_chain(self, cond, obs.batch_size, False, generator), self._critic_features(cond, source)
+
+    def _critic_features(self, cond: VLAConditioning, source: str) -> torch.Tensor:
+        self.critic_feature_dim(source)  # validates source
+        if source == "prefix":
+            pooled = cond.pooled_prefix  # (B, D_vlm)
+        else:
+            batch = cond.state.shape[0]
+            x = torch.zeros(batch, self.horizon, self.action_dim, device=cond.state.device)
+            _, pooled = self.velocity_and_features(x, torch.zeros(batch, device=x.device), cond)  # (B, W)
+        return torch.cat([pooled, cond.state], dim=-1).detach()
 
     # ---- the one place that defines the chain's time grid, means and stds ----
     def time_grid(self) -> torch.Tensor:

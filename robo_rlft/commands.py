@@ -196,11 +196,6 @@ def finetune(cfg: Config, overrides: list[str]) -> None:
     from robo_rlft.cli import config_from_saved
 
     _seed_everything(cfg)
-    if cfg.policy.name == "vla":
-        raise ValueError(
-            "policy=vla fine-tuning through the CLI is not available yet; pretrain and eval are "
-            "(`robo-rlft pretrain policy=vla ...`, `robo-rlft eval eval.checkpoint=...`)."
-        )
     if cfg.resume:
         run_dir = Path(cfg.resume)
         saved = run_dir / CONFIG_FILE
@@ -225,7 +220,8 @@ def finetune(cfg: Config, overrides: list[str]) -> None:
                 f"No pretrained policy for env={cfg.env.name!r}: pass policy.pretrained=PATH (a checkpoint from "
                 f"`robo-rlft pretrain`). Built-in checkpoints exist for {sorted(BUILTIN_FOR_ENV)}."
             )
-        obs_dim, action_dim = _env_dims(cfg.env.env_id, cfg.env.make_kwargs())
+        adapter = ObservationAdapter.for_policy(policy_classes(cfg.policy.name)[0], cfg.policy)
+        obs_dim, action_dim = _env_dims(cfg.env.env_id, cfg.env.make_kwargs(), adapter)
         policy, _ = load_policy(resolve_checkpoint(pretrained), cfg.policy.name, obs_dim, action_dim)
         # The exploration settings are a fine-tuning choice: the config's apply to the loaded policy.
         policy = policy.configure_finetuning(cfg.policy)

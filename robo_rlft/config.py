@@ -190,14 +190,21 @@ class VLAPolicySection(VLAPolicyConfig, RunPolicyFields):
     """``policy=vla``: a π0-shaped vision-language-action policy (``policies.vla.VLAPolicyConfig``).
 
     It takes camera images: ``env.cameras`` must include every one of ``policy.cameras`` (checked in
-    :class:`Config`). Supervised pretraining and evaluation run through the CLI; RL fine-tuning does not yet.
+    :class:`Config`). Pretraining, RL fine-tuning (PPO, GRPO) and evaluation all run through the CLI.
+
+    Attributes:
+        critic_input: what PPO's critic ``V(o)`` sees (besides the normalised state), detached from the policy:
+            ``prefix``, the VLM prefix pooled over its tokens, or ``expert``, the action expert's pooled features
+            (``policies.vla.VLAPolicy.critic_features``).
     """
 
     name: str = "vla"
+    critic_input: str = "prefix"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("policy.name", self.name, ["vla"])
+        _check_choice("policy.critic_input", self.critic_input, ["prefix", "expert"])
 
 
 @dataclass

@@ -152,13 +152,19 @@ class BestPolicyTracker:
 
     @classmethod
     def for_finetune(
-        cls, cfg: Config, run_dir: Path, device: str | torch.device, best_return: float = -math.inf
+        cls,
+        cfg: Config,
+        run_dir: Path,
+        device: str | torch.device,
+        best_return: float = -math.inf,
+        cameras: bool = False,
     ) -> BestPolicyTracker:
-        """The tracker of a fine-tuning run; its ``metadata`` also labels the run's other checkpoints."""
-        metadata = policy_metadata(cfg, "robo-rlft finetune")
+        """The tracker of a fine-tuning run; its ``metadata`` also labels the run's other checkpoints
+        (``cameras``: the policy takes images, so its env renders ``env.cameras``)."""
+        metadata = policy_metadata(cfg, "robo-rlft finetune", cameras=cameras)
         return cls(
             run_dir, cfg.env.env_id, cfg.env.act_steps, cfg.algo.eval_episodes, device, metadata, best_return,
-            cfg.env.make_kwargs(),
+            cfg.env.make_kwargs(cameras=cameras),
         )  # fmt: skip
 
     def evaluate(self, policy: torch.nn.Module, iteration: int) -> dict[str, Any]:

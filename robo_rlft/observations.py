@@ -8,27 +8,33 @@ A policy class says what it takes with its attribute ``observation_kind``:
   instruction, as a :class:`policies.vla_backbone.VLAObservation`. Its envs keep Dict observations and render
   the cameras, and its ``obs_dim`` is the size of ``state``.
 
-Verbs and evaluation build one :class:`ObservationAdapter` per policy and use it for the env options
-(``flatten``), the policy's ``obs_dim``, each observation batch and the dataset; nothing else branches on the
-policy family.
+Verbs, evaluation and the RL algorithms build one :class:`ObservationAdapter` per policy and use it for the env
+options (``flatten``), the policy's ``obs_dim``, each observation batch, the critic's input, rollout storage
+(:class:`ObservationBuffer`) and the dataset; nothing else branches on the policy family.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 
-from policies.vla_backbone import STATE_KEY, VLAObservation
+from envs import make_vector_env
+from policies.vla_backbone import CAMERA_IMAGE_KEYS, STATE_KEY, VLAObservation
 from robo_rlft.data import DemoDataset
+
+if TYPE_CHECKING:
+    from robo_rlft.config import EnvConfig
 
 STATE_KIND = "state"
 VLA_KIND = "vla"
 OBSERVATION_KINDS: tuple[str, ...] = (STATE_KIND, VLA_KIND)
+# What the VLA's critic sees (``policy.critic_input``): the pooled VLM prefix or the pooled action-expert features.
+CRITIC_INPUTS: tuple[str, ...] = ("prefix", "expert")
 # What the user runs to record images into a dataset (named in errors).
 _COLLECT_HINT = "robo-rlft collect env=tabletop env.task=... env.cameras=[{cameras}]"
 
@@ -38,6 +44,14 @@ def add_batch_dim(obs: Any) -> Any:
     if isinstance(obs, Mapping):
         return {key: np.asarray(value)[None] for key, value in obs.items()}
     return np.asarray(obs)[None]
+
+
+def stack_observations(items: Sequence[Any]) -> Any:
+    """Single-env observations (arrays, or Dicts of arrays, e.g. a vector env's ``info["final_obs"][rows]``) as one
+    batch: ``(B, ...)`` arrays, or a Dict of them."""
+    if isinstance(items[0], Mapping):
+        return {key: np.stack([np.asarray(item[key]) for item in items]) for key in items[0]}
+    return np.stack([np.asarray(item) for item in items])
 
 
 @dataclass(frozen=True)
@@ -51,19 +65,29 @@ class ObservationAdapter:
 
     kind: str = STATE_KIND
     cameras: tuple[str, ...] = ()
+    critic_input: str = "prefix"
 
     def __post_init__(self) -> None:
         if self.kind not in OBSERVATION_KINDS:
             raise ValueError(f"observation_kind={self.kind!r} is not allowed; choose one of {list(OBSERVATION_KINDS)}.")
         if self.uses_images and not self.cameras:
             raise ValueError("An image-based policy needs at least one camera (policy.cameras is empty).")
+        if self.critic_input not in CRITIC_INPUTS:
+            raise ValueError(
+                f"policy.critic_input={self.critic_input!r} is not allowed; choose one of {list(CRITIC_INPUTS)}."
+            )
 
     @classmethod
-    def for_policy(cls, policy: torch.nn.Module | type, config: Any | None = None) -> ObservationAdapter:
-        """The adapter of a policy instance, or of a policy class with its config (before it is built)."""
+    def for_policy(
+        cls, policy: torch.nn.Module | type, config: Any | None = None, critic_input: str = "prefix"
+    ) -> ObservationAdapter:
+        """The adapter of a policy instance, or of a policy class with its config (before it is built).
+
+        ``critic_input`` (``vla``; ``policy.critic_input``): what :meth:`critic_features` gives the VLA's critic.
+        """
         kind = getattr(policy, "observation_kind", STATE_KIND)
         config = policy.config if config is None else config
-        return cls(kind, tuple(config.cameras) if kind == VLA_KIND else ())
+        return cls(kind, tuple(config.cameras) if kind == VLA_KIND else (), critic_input)
 
     @property
     def uses_images(self) -> bool:
@@ -74,6 +98,19 @@ class ObservationAdapter:
     def flatten(self) -> bool:
         """``flatten`` of ``envs.make_env`` / ``make_vector_env``: state policies take the flat vector."""
         return not self.uses_images
+
+    def training_envs(self, env: EnvConfig, horizon: int) -> gym.vector.VectorEnv:
+        """The vector env RL rolls out in: ``env.num_envs`` chunked copies of ``env``'s env, rendering the
+        cameras and keeping Dict observations when the policy takes images."""
+        return make_vector_env(
+            env.env_id,
+            env.num_envs,
+            horizon,
+            env.act_steps,
+            env.asynchronous,
+            env.make_kwargs(cameras=self.uses_images),
+            flatten=self.flatten,
+        )
 
     def obs_dim(self, observation_space: gym.Space) -> int:
         """The policy's ``obs_dim`` in an env made with :attr:`flatten`: the flat size, or the ``state`` size."""
@@ -104,6 +141,42 @@ class ObservationAdapter:
         if instructions is None:
             raise ValueError("An image-based policy needs the instructions of the observations; got None.")
         return VLAObservation.from_env(obs, instructions, self.cameras, device=device)
+
+    # ---- the critic ----------------------------------------------------------------------------------------
+
+    def critic_dim(self, policy: torch.nn.Module) -> int:
+        """``D``, the size of :meth:`critic_features`: ``obs_dim`` for state policies; for the VLA the pooled prefix
+        (VLM width) or expert features (expert width), plus its ``obs_dim`` (the state)."""
+        if not self.uses_images:
+            return int(policy.obs_dim)
+        return int(policy.critic_feature_dim(self.critic_input))
+
+    def critic_features(self, policy: torch.nn.Module, obs: torch.Tensor | VLAObservation) -> torch.Tensor:
+        """``(B, D)`` what the PPO critic ``V`` takes of a batch of policy inputs, detached from the policy.
+
+        State policies: the normalised observation (``policy.normalizer.normalize_obs``). ``vla``: its pooled
+        prefix (or expert) features concatenated with its normalised state
+        (:meth:`policies.vla.VLAPolicy.critic_features`).
+        """
+        if not self.uses_images:
+            return policy.normalizer.normalize_obs(obs)
+        return policy.critic_features(obs, self.critic_input)
+
+    def sample_with_critic_features(
+        self, policy: torch.nn.Module, obs: torch.Tensor | VLAObservation
+    ) -> tuple[Any, torch.Tensor]:
+        """A stochastic ``policy.sample(obs)`` (a ``ChainSample``) and :meth:`critic_features` of the same batch;
+        the VLA runs its VLM once for both."""
+        if not self.uses_images:
+            return policy.sample(obs), policy.normalizer.normalize_obs(obs)
+        return policy.sample_with_critic_features(obs, self.critic_input)
+
+    # ---- rollout storage -----------------------------------------------------------------------------------
+
+    def new_buffer(self, num_steps: int, num_envs: int, observation_space: gym.Space) -> ObservationBuffer:
+        """Storage for ``(T=num_steps, N=num_envs)`` policy inputs of a vector env with ``observation_space``
+        (its ``single_observation_space``)."""
+        return ObservationBuffer(self, num_steps, num_envs, observation_space)
 
     # ---- datasets ------------------------------------------------------------------------------------------
 
@@ -186,3 +259,74 @@ class ObservationAdapter:
                 return slice(start, start + int(size))
             start += int(size)
         raise AssertionError("unreachable: STATE_KEY is in the layout")
+
+
+class ObservationBuffer:
+    """Pre-allocated ``(T, N, ...)`` rollout storage of policy inputs (CPU), indexed like a ``(T, N)`` tensor.
+
+    State policies: one float32 ``(T, N, obs_dim)`` tensor. ``vla``: per camera a uint8 ``(T, N, H, W, 3)`` tensor,
+    the float32 ``(T, N, state_dim)`` state and a ``(T, N)`` object array of instructions, so a rollout keeps its
+    images at one byte per pixel and the update rebuilds the exact inputs the chains were sampled at.
+    """
+
+    def __init__(
+        self, adapter: ObservationAdapter, num_steps: int, num_envs: int, observation_space: gym.Space
+    ) -> None:
+        self.adapter = adapter
+        shape = (num_steps, num_envs)
+        self.state = torch.zeros(*shape, adapter.obs_dim(observation_space))
+        self.images: dict[str, torch.Tensor] = {}
+        self.instructions: np.ndarray | None = None
+        if adapter.uses_images:
+            for camera in adapter.cameras:
+                space = observation_space[CAMERA_IMAGE_KEYS[camera]]
+                self.images[camera] = torch.zeros(*shape, *space.shape, dtype=torch.uint8)
+            self.instructions = np.full(shape, "", dtype=object)
+
+    def store(self, t: int, obs: torch.Tensor | VLAObservation) -> None:
+        """Keep step ``t``'s batch of ``N`` policy inputs (as the adapter made them)."""
+        if not self.adapter.uses_images:
+            self.state[t] = obs
+            return
+        self.state[t] = obs.state
+        for camera, images in self.images.items():
+            images[t] = obs.images[camera]
+        self.instructions[t] = obs.instructions
+
+    def head(self, num_steps: int) -> ObservationBuffer:
+        """The first ``num_steps`` steps (views, no copy)."""
+        head = object.__new__(ObservationBuffer)
+        head.adapter, head.state = self.adapter, self.state[:num_steps]
+        head.images = {camera: images[:num_steps] for camera, images in self.images.items()}
+        head.instructions = None if self.instructions is None else self.instructions[:num_steps]
+        return head
+
+    def flat(self) -> torch.Tensor | VLAObservation:
+        """Every stored input, ``T * N`` rows in ``(t, n)`` order (``[T, N, ...] -> [T * N, ...]``)."""
+        if not self.adapter.uses_images:
+            return self.state.flatten(0, 1)
+        return VLAObservation(
+            images={camera: images.flatten(0, 1) for camera, images in self.images.items()},  # (T*N, H, W, 3)
+            instructions=[str(text) for text in self.instructions.reshape(-1)],
+            state=self.state.flatten(0, 1),  # (T*N, state_dim)
+        )
+
+    def __getitem__(self, index: Any) -> torch.Tensor | VLAObservation:
+        """The inputs at ``index`` of the ``(T, N)`` grid (an int, a tuple, a ``(T, N)`` bool mask...).
+
+        State policies get the indexed tensor; ``vla`` a :class:`VLAObservation`, so the index must leave one
+        batch dimension (a step ``t``, or a ``(T, N)`` mask).
+        """
+        if not self.adapter.uses_images:
+            return self.state[index]
+        state = self.state[index]
+        if state.ndim != 2:
+            raise IndexError(
+                f"A VLA observation batch needs one batch dimension; index {index!r} leaves {state.ndim - 1}."
+            )
+        rows = index.cpu().numpy() if isinstance(index, torch.Tensor) else index
+        return VLAObservation(
+            images={camera: images[index] for camera, images in self.images.items()},
+            instructions=[str(text) for text in np.asarray(self.instructions[rows]).reshape(-1)],
+            state=state,
+        )

@@ -1,5 +1,6 @@
 """The VLA through the CLI: collect with cameras -> pretrain policy=vla_tiny -> eval rebuilds the camera env;
-the camera and dataset errors; the observation adapter that feeds state and image policies."""
+the camera and dataset errors; the observation adapter that feeds state and image policies. RL fine-tuning of
+the VLA: tests/test_vla_finetune.py."""
 
 from __future__ import annotations
 
@@ -77,13 +78,6 @@ def test_pretrain_refuses_a_dataset_without_the_policys_images(tmp_path, capsys,
     argv = ["pretrain", f"pretrain.dataset={datasets['both']}", *TASK, *VLA, "env.cameras=[agentview,wrist]"]
     assert main(argv) == 2  # the env would render 128 px, the images are 32 px
     assert "env.image_size=128" in capsys.readouterr().err
-
-
-def test_finetune_with_policy_vla_is_refused_clearly(capsys):
-    assert main(["finetune", *TASK, *CAMERAS, *VLA, "policy.pretrained=some/checkpoint"]) == 2
-    assert "policy=vla fine-tuning through the CLI is not available yet; pretrain and eval are" in (
-        capsys.readouterr().err
-    )
 
 
 def test_observation_adapter_feeds_state_and_image_policies(flow_policy_factory):

@@ -26,13 +26,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from envs import make_vector_env, step_info_value
+from envs import step_info_value
 from policies.chain import reduce_log_prob
 from policies.checkpoint import save_policy
+from policies.vla_backbone import VLAObservation
 from robo_rlft.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from robo_rlft.config import Config, GRPOConfig
 from robo_rlft.evaluation import BestPolicyTracker, eval_metrics
 from robo_rlft.metrics import MetricLogger
+from robo_rlft.observations import ObservationAdapter, ObservationBuffer
 from robo_rlft.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -51,7 +53,8 @@ class GroupRollout:
     """One episode per env; env ``i`` belongs to group ``i // G``. ``T`` chunk steps were run, ``N`` envs.
 
     Attributes:
-        obs: ``(T, N, obs_dim)`` raw observations the chunks were sampled at.
+        obs: ``(T, N)`` policy inputs the chunks were sampled at (``obs[t]``: step t's batch; for state policies
+            ``(T, N, obs_dim)`` raw observations, see :class:`robo_rlft.observations.ObservationBuffer`).
         chains: ``(T, N, K+1, H, A)`` the sampled denoising chains.
         stochastic: ``(T, N, K)`` bool, which chain steps were stochastic.
         log_probs: ``(T, N)`` reduced log-probs of the chains at sampling time (detached).
@@ -64,7 +67,7 @@ class GroupRollout:
         time_sim, time_inference: seconds spent in ``envs.step`` and in ``policy.sample``.
     """
 
-    obs: torch.Tensor
+    obs: ObservationBuffer
     chains: torch.Tensor
     stochastic: torch.Tensor
     log_probs: torch.Tensor
@@ -95,7 +98,8 @@ def collect_group_rollouts(
     All members of group ``g`` reset with ``seeds[g]``; MuJoCo resets are a deterministic function of
     the seed, so they start from the same initial state and differ only by the policy's noise. An
     episode runs until it terminates or truncates, or ``algo.max_chunk_steps`` chunk steps have passed
-    (it is then scored as it stands). Sampling draws from the global torch RNG.
+    (it is then scored as it stands). Sampling draws from the global torch RNG. ``envs`` must be made with the
+    policy's observation options (``ObservationAdapter.flatten``, cameras for image policies).
     """
     num_envs, group_size = envs.num_envs, algo.group_size
     if num_envs != len(seeds) * group_size:
@@ -105,7 +109,8 @@ def collect_group_rollouts(
         )
     max_steps = algo.max_chunk_steps
     horizon, num_denoise, action_dim = policy.horizon, policy.num_steps, policy.action_dim
-    obs_buf = torch.zeros(max_steps, num_envs, policy.obs_dim)
+    adapter = ObservationAdapter.for_policy(policy)
+    obs_buf = adapter.new_buffer(max_steps, num_envs, envs.single_observation_space)
     chain_buf = torch.zeros(max_steps, num_envs, num_denoise + 1, horizon, action_dim)
     stochastic_buf = torch.zeros(max_steps, num_envs, num_denoise, dtype=torch.bool)
     log_prob_buf = torch.zeros(max_steps, num_envs)
@@ -122,9 +127,9 @@ def collect_group_rollouts(
     steps = 0
     while steps < max_steps and active.any():
         tic = time.perf_counter()
-        obs = torch.as_tensor(obs_np, dtype=torch.float32)
+        obs = adapter(obs_np, adapter.instructions(envs), device)
         with torch.no_grad():
-            sample = policy.sample(obs.to(device))
+            sample = policy.sample(obs)
         # Mean std per chain over its stochastic elements: (N,)
         row_std = sample.std.flatten(1).sum(1) / (sample.stochastic.sum(1) * horizon * action_dim).clamp_min(1)
         time_inference += time.perf_counter() - tic
@@ -140,7 +145,7 @@ def collect_group_rollouts(
             has_success = True
             success[active] |= step_info_value(info, "is_success", ended).astype(bool)[active]
 
-        obs_buf[steps] = obs
+        obs_buf.store(steps, obs)
         chain_buf[steps] = sample.chain.cpu()
         stochastic_buf[steps] = sample.stochastic.cpu()
         log_prob_buf[steps] = reduce_log_prob(sample.log_prob, sample.stochastic, algo.log_prob_reduction).cpu()
@@ -151,7 +156,7 @@ def collect_group_rollouts(
         steps += 1
 
     return GroupRollout(
-        obs=obs_buf[:steps],
+        obs=obs_buf.head(steps),
         chains=chain_buf[:steps],
         stochastic=stochastic_buf[:steps],
         log_probs=log_prob_buf[:steps],
@@ -218,7 +223,7 @@ class GRPOLosses:
 
 def grpo_losses(
     policy: nn.Module,
-    obs: torch.Tensor,
+    obs: torch.Tensor | VLAObservation,
     chains: torch.Tensor,
     stochastic: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -228,7 +233,8 @@ def grpo_losses(
     """Asymmetrically clipped policy-gradient loss on one minibatch (mean over its chunk steps).
 
     Args:
-        obs: ``(M, obs_dim)``; chains: ``(M, K+1, H, A)``; stochastic: ``(M, K)`` bool;
+        obs: ``(M, obs_dim)`` (a ``VLAObservation`` of M rows for the VLA); chains: ``(M, K+1, H, A)``;
+        stochastic: ``(M, K)`` bool;
         old_log_probs, advantages: ``(M,)``.
     """
     if old_log_probs.requires_grad:
@@ -271,9 +277,8 @@ def train_grpo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: boo
         logger.info("Resumed %s at iteration %d (%d env steps).", run_dir, start_iteration, env_steps)
     if cfg.env.act_steps > policy.horizon:
         raise ValueError(f"env.act_steps={cfg.env.act_steps} exceeds the policy's horizon {policy.horizon}.")
-    envs = make_vector_env(
-        cfg.env.env_id, num_envs, policy.horizon, cfg.env.act_steps, cfg.env.asynchronous, cfg.env.make_kwargs()
-    )
+    adapter = ObservationAdapter.for_policy(policy)
+    envs = adapter.training_envs(cfg.env, policy.horizon)
     policy.to(device).train()
     optimizer = torch.optim.Adam(policy.parameters(), lr=algo.actor_lr)  # no critic: the group is the baseline
     if optim_state is not None:
@@ -281,7 +286,7 @@ def train_grpo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: boo
     metrics = MetricLogger(run_dir, resume=resume, resume_iteration=start_iteration if resume else None)
     last_eval: dict[str, Any] = {}
 
-    tracker = BestPolicyTracker.for_finetune(cfg, run_dir, device, best_return)
+    tracker = BestPolicyTracker.for_finetune(cfg, run_dir, device, best_return, cameras=adapter.uses_images)
     if start_iteration == 0:
         last_eval = tracker.log_start(policy, metrics)
 
@@ -310,12 +315,12 @@ def train_grpo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: boo
             # ---- update: epochs x minibatches over the kept chunk steps (B, ...) ----
             tic = time.perf_counter()
             policy.train()
-            b_obs = rollout.obs[used].to(device)  # (B, obs_dim)
+            b_obs = rollout.obs[used].to(device)  # (B, obs_dim), or a VLAObservation of B rows
             b_chains = rollout.chains[used].to(device)  # (B, K+1, H, A)
             b_stochastic = rollout.stochastic[used].to(device)  # (B, K)
             b_log_probs = rollout.log_probs[used].to(device)  # (B,)
             b_advantages = advantages[None].expand_as(used)[used].to(device)  # (B,): step of episode i gets A_i
-            batch_size = b_obs.shape[0]
+            batch_size = b_chains.shape[0]
             if batch_size == 0:
                 logger.info("Iteration %d: all %d groups had no signal; skipping the update.", iteration, num_groups)
             minibatch = min(algo.minibatch_size, max(batch_size, 1))

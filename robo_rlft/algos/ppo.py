@@ -18,14 +18,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from envs import make_vector_env, step_info_value
+from envs import step_info_value
 from policies.chain import chain_log_prob, step_log_prob
 from policies.checkpoint import load_policy, save_policy
 from policies.critic import ValueCritic
+from policies.vla_backbone import VLAObservation
 from robo_rlft.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from robo_rlft.config import Config
 from robo_rlft.evaluation import BestPolicyTracker, eval_metrics, policy_metadata
 from robo_rlft.metrics import MetricLogger
+from robo_rlft.observations import ObservationAdapter, stack_observations
 from robo_rlft.progress import progress_bar
 from robo_rlft.returns import RunningRewardScaler, compute_gae
 
@@ -52,7 +54,8 @@ class PPOLosses:
 def ppo_losses(
     policy: nn.Module,
     critic: ValueCritic,
-    obs: torch.Tensor,
+    obs: torch.Tensor | VLAObservation,
+    critic_inputs: torch.Tensor,
     chains: torch.Tensor,
     stochastic: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -66,7 +69,9 @@ def ppo_losses(
     frozen ``base_policy`` is given, the BC regulariser toward it (:func:`bc_regulariser`).
 
     Args:
-        obs: ``(M, obs_dim)``; chains: ``(M, K+1, H, A)``; stochastic: ``(M, K)`` bool — for
+        obs: ``(M, obs_dim)`` (a ``VLAObservation`` of M rows for the VLA); critic_inputs: ``(M, D)`` the
+            critic's input at rollout (``ObservationAdapter.critic_features``); chains: ``(M, K+1, H, A)``;
+            stochastic: ``(M, K)`` bool — for
             ``ratio_unit=transition`` minibatches (:func:`ppo_samples`) one-hot: the row's transition;
         old_log_probs: ``(M, K)`` per-transition log-probs at rollout (:func:`step_log_prob`);
         advantages, returns: ``(M,)``;
@@ -96,7 +101,7 @@ def ppo_losses(
         clip = step_clips[steps]
     ratio = log_ratio.exp()
     pg_loss = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
-    value_loss = 0.5 * (critic(policy.normalizer.normalize_obs(obs)) - returns).pow(2).mean()
+    value_loss = 0.5 * (critic(critic_inputs) - returns).pow(2).mean()
     # Mean entropy of the stochastic transitions (deterministic steps hold zeros).
     entropy_mean = entropy_elements.sum() / (stochastic.sum() * entropy_elements.shape[2] * entropy_elements.shape[3])
     with torch.no_grad():
@@ -116,7 +121,7 @@ def ppo_losses(
     )
 
 
-def bc_regulariser(policy: nn.Module, base_policy: nn.Module, obs: torch.Tensor) -> torch.Tensor:
+def bc_regulariser(policy: nn.Module, base_policy: nn.Module, obs: torch.Tensor | VLAObservation) -> torch.Tensor:
     """Mean squared distance between the action chunks (normalised units, before the clip) that the
     policy and the frozen base produce with their deterministic samplers from the same ``x_0``:
     ReinFlow's W2 regulariser, which keeps fine-tuning near the pretrained behaviour.
@@ -124,7 +129,7 @@ def bc_regulariser(policy: nn.Module, base_policy: nn.Module, obs: torch.Tensor)
     The shared ``x_0`` comes from a generator seeded off the global RNG, so runs stay reproducible.
     """
     seed = int(torch.randint(2**62, (1,)))
-    device = obs.device
+    device = policy.normalizer.obs_mean.device
     mine = policy.sample(obs, deterministic=True, generator=torch.Generator(device).manual_seed(seed)).chain[:, -1]
     with torch.no_grad():
         base = base_policy.sample(obs, deterministic=True, generator=torch.Generator(device).manual_seed(seed))
@@ -184,25 +189,29 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
         start_iteration, env_steps, best_return = state["iteration"], state["env_steps"], state["best_return"]
         reward_scaler.load_state_dict(state["reward_scaler"])
         logger.info("Resumed %s at iteration %d (%d env steps).", run_dir, start_iteration, env_steps)
-    critic = ValueCritic(policy.obs_dim, cfg.policy.critic)
+    # The one place that knows the policy's observations: env options, policy inputs, the critic's input
+    # (policy.critic_input: only policy=vla has the choice).
+    adapter = ObservationAdapter.for_policy(policy, critic_input=getattr(cfg.policy, "critic_input", "prefix"))
+    critic = ValueCritic(adapter.critic_dim(policy), cfg.policy.critic)
     if resume:
         critic.load_state_dict(loaded["critic_state"])
     if cfg.env.act_steps > policy.horizon:
         raise ValueError(f"env.act_steps={cfg.env.act_steps} exceeds the policy's horizon {policy.horizon}.")
-    envs = make_vector_env(
-        cfg.env.env_id, num_envs, policy.horizon, cfg.env.act_steps, cfg.env.asynchronous, cfg.env.make_kwargs()
-    )
-    obs_dim = policy.obs_dim
+    envs = adapter.training_envs(cfg.env, policy.horizon)
     base_policy = None
     if algo.bc_coef > 0:
         # The frozen pretrained policy lives in the run directory, so a resumed run regularises
         # toward the same policy as the original one.
         if not resume:
-            base_meta = {**policy_metadata(cfg, "robo-rlft finetune"), "role": "bc regulariser base"}
+            base_meta = {
+                **policy_metadata(cfg, "robo-rlft finetune", cameras=adapter.uses_images),
+                "role": "bc regulariser base",
+            }
             save_policy(policy, run_dir / BASE_POLICY_DIR, base_meta)
         base_policy = load_policy(run_dir / BASE_POLICY_DIR)[0].to(device).eval().requires_grad_(False)
     policy.to(device).train()
     critic.to(device).train()
+    # A VLA's frozen backbone has requires_grad=False: it never gets a gradient, so Adam leaves it alone.
     actor_optimizer = torch.optim.Adam(policy.parameters(), lr=algo.actor_lr)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=algo.critic_lr)
 
@@ -219,15 +228,16 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
     metrics = MetricLogger(run_dir, resume=resume, resume_iteration=start_iteration if resume else None)
     last_eval: dict[str, Any] = {}
 
-    def values_of(obs_np: np.ndarray) -> torch.Tensor:
-        """``V(o)`` of raw observations: ``(N, obs_dim) -> (N,)`` on the CPU."""
-        obs = torch.as_tensor(obs_np, dtype=torch.float32, device=device)
+    def values_of(obs: torch.Tensor | VLAObservation) -> torch.Tensor:
+        """``V(o)`` of N policy inputs: ``(N,)`` on the CPU."""
         with torch.no_grad():
-            return critic(policy.normalizer.normalize_obs(obs)).cpu()
+            return critic(adapter.critic_features(policy, obs)).cpu()
 
     # ---- rollout storage: (T, N, ...) ----
     horizon, num_denoise, action_dim = policy.horizon, policy.num_steps, policy.action_dim
-    obs_buf = torch.zeros(num_steps, num_envs, obs_dim)
+    obs_buf = adapter.new_buffer(num_steps, num_envs, envs.single_observation_space)
+    # The critic's inputs at rollout: the update regresses V on them, so a VLA's prefix runs once per observation.
+    critic_input_buf = torch.zeros(num_steps, num_envs, adapter.critic_dim(policy))
     chain_buf = torch.zeros(num_steps, num_envs, num_denoise + 1, horizon, action_dim)
     stochastic_buf = torch.zeros(num_steps, num_envs, num_denoise, dtype=torch.bool)
     log_prob_buf = torch.zeros(num_steps, num_envs, num_denoise)
@@ -236,7 +246,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
     next_value_buf = torch.zeros(num_steps, num_envs)
     end_buf = torch.zeros(num_steps, num_envs)
 
-    tracker = BestPolicyTracker.for_finetune(cfg, run_dir, device, best_return)
+    tracker = BestPolicyTracker.for_finetune(cfg, run_dir, device, best_return, cameras=adapter.uses_images)
     if start_iteration == 0:
         last_eval = tracker.log_start(policy, metrics)
 
@@ -256,10 +266,12 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
             policy.eval()
             for t in range(num_steps):
                 tic = time.perf_counter()
-                obs = torch.as_tensor(obs_np, dtype=torch.float32)
+                # Instructions are read every step: an env's task may change when it resets.
+                instructions = adapter.instructions(envs)
+                obs = adapter(obs_np, instructions, device)
                 with torch.no_grad():
-                    sample = policy.sample(obs.to(device))
-                value = values_of(obs_np)
+                    sample, critic_inputs = adapter.sample_with_critic_features(policy, obs)  # one VLM forward
+                    value = critic(critic_inputs).cpu()
                 std_sum += (sample.std.sum() / (sample.stochastic.sum() * horizon * action_dim)).item()
                 time_inference += time.perf_counter() - tic
 
@@ -275,7 +287,8 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
                 finished_returns += episode_return[ended].tolist()
                 episode_return[ended] = 0.0
 
-                obs_buf[t] = obs
+                obs_buf.store(t, obs)
+                critic_input_buf[t] = critic_inputs.cpu()
                 chain_buf[t] = sample.chain.cpu()
                 stochastic_buf[t] = sample.stochastic.cpu()
                 log_prob_buf[t] = step_log_prob(sample.log_prob, algo.log_prob_reduction).cpu()
@@ -288,16 +301,21 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
                 next_value_buf[t] = 0.0
                 truncated_only = np.flatnonzero(truncated & ~terminated)
                 if truncated_only.size:
-                    next_value_buf[t, truncated_only] = values_of(np.stack(info["final_obs"][truncated_only]))
+                    # The episode's instruction is the one it was stepped with (the env may have reset to another).
+                    final_obs = stack_observations(info["final_obs"][truncated_only])
+                    final_instructions = None if instructions is None else [instructions[i] for i in truncated_only]
+                    next_value_buf[t, truncated_only] = values_of(adapter(final_obs, final_instructions, device))
             # The rollout's end is a truncation too: bootstrap from the value of the last observation.
-            following_values = torch.cat([value_buf[1:], values_of(obs_np)[None]], 0)
+            last_obs = adapter(obs_np, adapter.instructions(envs), device)
+            following_values = torch.cat([value_buf[1:], values_of(last_obs)[None]], 0)
             next_values = torch.where(end_buf.bool(), next_value_buf, following_values)
             advantages, returns = compute_gae(reward_buf, value_buf, next_values, end_buf, algo.gamma, algo.gae_lambda)
 
             # ---- update: epochs x minibatches of PPO samples (chains or transitions) of the batch ----
             tic = time.perf_counter()
             policy.train()
-            b_obs = obs_buf.reshape(-1, obs_dim).to(device)
+            b_obs = obs_buf.flat().to(device)  # (B, obs_dim), or a VLAObservation of B rows
+            b_critic_inputs = critic_input_buf.reshape(-1, critic_input_buf.shape[-1]).to(device)  # (B, D)
             b_chains = chain_buf.reshape(-1, num_denoise + 1, horizon, action_dim).to(device)
             b_stochastic = stochastic_buf.reshape(-1, num_denoise).to(device)
             b_log_probs = log_prob_buf.reshape(-1, num_denoise).to(device)
@@ -326,6 +344,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
                         policy,
                         critic,
                         b_obs[mb],
+                        b_critic_inputs[mb],
                         b_chains[mb],
                         sample_masks[picked],
                         b_log_probs[mb],
