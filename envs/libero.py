@@ -37,7 +37,7 @@ import gymnasium as gym
 import mujoco
 import numpy as np
 
-from envs.tabletop.env import make_renderer
+from envs.tabletop.env import check_image_options, make_renderer
 from envs.tabletop.scene import configure_render_scene
 
 LIBERO_INSTALL = 'pip install "robo-rlft[libero]"'
@@ -172,15 +172,7 @@ class LiberoEnv(gym.Env):
         num_tasks = SUITES[suite].num_tasks
         if isinstance(task_id, bool) or not isinstance(task_id, int | np.integer) or not 0 <= task_id < num_tasks:
             raise ValueError(f"LiberoEnv: task_id for {suite} must be an int in [0, {num_tasks}), got {task_id!r}.")
-        cameras = tuple(cameras)
-        unknown = [c for c in cameras if c not in CAMERAS]
-        if unknown or len(set(cameras)) != len(cameras):
-            raise ValueError(f"LiberoEnv: cameras must be distinct names from {sorted(CAMERAS)}, got {cameras}.")
-        # 480: the offscreen buffer LIBERO's scenes declare (640 x 480).
-        if not 16 <= image_size <= 480:
-            raise ValueError(f"LiberoEnv: image_size must be in [16, 480] pixels, got {image_size}.")
-        if render_mode not in (None, *self.metadata["render_modes"]):
-            raise ValueError(f"LiberoEnv: render_mode must be None or 'rgb_array', got {render_mode!r}.")
+        cameras = check_image_options("LiberoEnv", cameras, CAMERAS, image_size, render_mode, self.metadata)
         self.max_episode_steps = SUITES[suite].max_steps if max_episode_steps is None else int(max_episode_steps)
         if self.max_episode_steps < 1:
             raise ValueError(f"LiberoEnv: max_episode_steps must be >= 1, got {max_episode_steps}.")

@@ -21,7 +21,7 @@ determinism checks and every batching code path; a fixed string per env belongs 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -84,14 +84,7 @@ class TabletopEnv(gym.Env):
             raise ValueError(f"TabletopEnv: action_mode must be one of {ACTION_MODES}, got {action_mode!r}.")
         if obs_mode not in OBS_MODES:
             raise ValueError(f"TabletopEnv: obs_mode must be one of {OBS_MODES}, got {obs_mode!r}.")
-        cameras = tuple(cameras)
-        unknown = [c for c in cameras if c not in CAMERAS]
-        if unknown or len(set(cameras)) != len(cameras):
-            raise ValueError(f"TabletopEnv: cameras must be distinct names from {sorted(CAMERAS)}, got {cameras}.")
-        if not 16 <= image_size <= 480:
-            raise ValueError(f"TabletopEnv: image_size must be in [16, 480] pixels, got {image_size}.")
-        if render_mode not in (None, *self.metadata["render_modes"]):
-            raise ValueError(f"TabletopEnv: render_mode must be None or 'rgb_array', got {render_mode!r}.")
+        cameras = check_image_options("TabletopEnv", cameras, CAMERAS, image_size, render_mode, self.metadata)
         self.action_mode = action_mode
         self.obs_mode = obs_mode
         self.cameras = cameras
@@ -265,6 +258,27 @@ class TabletopEnv(gym.Env):
         # Renderers update from the last kinematics pass; after mj_step that is one substep old (2 ms).
         self._renderer.update_scene(self.data, camera=camera)
         return self._renderer.render().copy()  # (H, W, 3) uint8, row 0 at the top
+
+
+def check_image_options(
+    env_name: str,
+    cameras: Sequence[str],
+    allowed: Mapping[str, str],
+    image_size: int,
+    render_mode: str | None,
+    metadata: Mapping[str, Any],
+) -> tuple[str, ...]:
+    """Validate a camera env's ``cameras`` (distinct keys of ``allowed``), ``image_size`` (16 … 480 px: the
+    offscreen buffer the scenes declare) and ``render_mode``; returns the cameras as a tuple."""
+    cameras = tuple(cameras)
+    unknown = [c for c in cameras if c not in allowed]
+    if unknown or len(set(cameras)) != len(cameras):
+        raise ValueError(f"{env_name}: cameras must be distinct names from {sorted(allowed)}, got {cameras}.")
+    if not 16 <= image_size <= 480:
+        raise ValueError(f"{env_name}: image_size must be in [16, 480] pixels, got {image_size}.")
+    if render_mode not in (None, *metadata["render_modes"]):
+        raise ValueError(f"{env_name}: render_mode must be None or 'rgb_array', got {render_mode!r}.")
+    return cameras
 
 
 def make_renderer(model: mujoco.MjModel, height: int, width: int) -> mujoco.Renderer:
