@@ -5,9 +5,10 @@ Every tick (default 20 Hz):
 1. read the newest joint state and images and assemble the observation;
 2. collect a finished inference: the new chunk replaces the rest of the running one, starting at the step
    that is due now (the steps whose time passed while the policy ran are skipped);
-3. watchdog: a joint state or camera image older than ``stale_after`` → hold (and no inference on stale data);
-   an e-stop → hold (the running chunk is dropped); the chunk ran out before the next one arrived → hold
-   (deadline miss);
+3. watchdog: a joint state, camera image or object state older than ``stale_after`` → hold (and no inference
+   on stale data); an e-stop → hold (the running chunk is dropped); paused (``pause`` on the control topic) →
+   one hold, then nothing until ``resume``, which starts from a fresh observation; the chunk ran out before the
+   next one arrived → hold (deadline miss);
 4. when ``remaining steps <= replan margin`` and no request is running, request the next chunk with this
    observation, so inference runs while the current chunk is still being executed; the margin grows to the
    observed p90 inference latency in control periods if that is longer;
@@ -35,7 +36,14 @@ import numpy as np
 from real_robot.adapters import ActionAdapter, JointTarget
 from real_robot.observation import ObservationAssembler, RobotObservation
 from real_robot.safety import REJECTIONS, SafetyLayer
-from real_robot.transport import JointCommand, JointTrajectory, PoseStamped, TrajectoryPoint, Transport
+from real_robot.transport import (
+    CONTROL_COMMANDS,
+    JointCommand,
+    JointTrajectory,
+    PoseStamped,
+    TrajectoryPoint,
+    Transport,
+)
 
 logger = logging.getLogger(__name__)
 command_logger = logging.getLogger("real_robot.commands")
@@ -52,7 +60,11 @@ class LoopConfig:
         rate_hz: control rate, Hz (the policy's training rate: the tabletop env runs at 20 Hz).
         stale_after: a joint state or policy camera image older than this (s) makes the loop hold; default two
             control periods.
-        replan_margin: request the next chunk when this many steps (or fewer) of the current one remain.
+        replan_margin: request the next chunk when this many steps (or fewer) of the current one remain (0: when
+            it has run out, as a simulator's chunked rollout does; the loop raises it to cover slow inference).
+        inference_wait: when the chunk has run out and an inference is running, the tick waits this long (s) for
+            it before holding for a whole period; default a quarter period. A fast policy then starts its chunk
+            from an observation of this tick, exactly as in simulation.
         output: ``"stream"`` (one ``Float64MultiArray`` per tick), ``"trajectory"`` (a ``JointTrajectory`` per
             chunk) or ``"pose"`` (per tick, the safe joint target's tool pose as a ``PoseStamped`` in the arm's base
             frame, for a Cartesian impedance controller).
@@ -63,6 +75,7 @@ class LoopConfig:
     rate_hz: float = 20.0
     stale_after: float | None = None
     replan_margin: int = 2
+    inference_wait: float | None = None
     output: str = "stream"
     dry_run: bool = False
     skip_elapsed: bool = True
@@ -74,6 +87,10 @@ class LoopConfig:
             raise ValueError(f"LoopConfig: stale_after must be > 0 s, got {self.stale_after}.")
         if self.replan_margin < 0:
             raise ValueError(f"LoopConfig: replan_margin must be >= 0, got {self.replan_margin}.")
+        if self.inference_wait is not None and not 0.0 <= self.inference_wait < self.dt:
+            raise ValueError(
+                f"LoopConfig: inference_wait must be in [0, {self.dt}) s (under a period), got {self.inference_wait}."
+            )
         if self.output not in OUTPUTS:
             raise ValueError(f"LoopConfig: output must be one of {OUTPUTS}, got {self.output!r}.")
 
@@ -81,6 +98,11 @@ class LoopConfig:
     def dt(self) -> float:
         """Control period, s."""
         return 1.0 / self.rate_hz
+
+    @property
+    def inference_wait_limit(self) -> float:
+        """``inference_wait`` with its default filled in, s."""
+        return 0.25 * self.dt if self.inference_wait is None else self.inference_wait
 
     @property
     def stale_limit(self) -> float:
@@ -101,6 +123,7 @@ class LoopStatus:
     interventions: dict[str, int]
     estop: str | None
     dry_run: bool
+    paused: bool = False
 
     def line(self) -> str:
         """One human-readable line."""
@@ -110,6 +133,7 @@ class LoopStatus:
             f"{self.jitter_p50_ms:.1f}/{self.jitter_p99_ms:.1f} ms | inference p50/p99 {self.inference_p50_ms:.0f}/"
             f"{self.inference_p99_ms:.0f} ms | interventions: {interventions}"
             + (f" | E-STOP: {self.estop}" if self.estop else "")
+            + (" | PAUSED" if self.paused else "")
         )
 
 
@@ -119,6 +143,9 @@ def _percentile_ms(values: deque[float], q: float) -> float:
 
 class ControlLoop:
     """Runs a policy on a robot through a :class:`~real_robot.transport.Transport`, safely.
+
+    Operator commands arrive on the transport's control topic (:data:`~real_robot.transport.CONTROL_COMMANDS`) or
+    through :meth:`pause` / :meth:`resume` / :meth:`reset_estop`.
 
     Args:
         transport: the robot backend.
@@ -162,6 +189,7 @@ class ControlLoop:
         self._owns_executor = executor is None
         self.executor = executor or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="policy")
         transport.on_estop(safety.trigger)
+        transport.on_control(self._on_control)
 
         self.ticks = 0
         self.counts: Counter[str] = Counter()  # loop-side interventions (the safety layer counts its own)
@@ -171,6 +199,12 @@ class ControlLoop:
         self._republish = False  # trajectory output: send the rest of the chunk at the next executed step
         self._pending: concurrent.futures.Future | None = None
         self._request_tick = 0
+        # Pause/resume arrive on any thread; the tick applies them. A resume bumps the generation so an inference
+        # started before the pause is discarded.
+        self._pause_requested = threading.Event()
+        self._resume_requested = threading.Event()
+        self._paused = False
+        self._generation = 0
         self._tick_times: deque[float] = deque(maxlen=_HISTORY)
         self._jitter: deque[float] = deque(maxlen=_HISTORY)
         self._latency: deque[float] = deque(maxlen=_HISTORY)
@@ -185,18 +219,40 @@ class ControlLoop:
         """Release the e-stop latch (explicit operator action); the loop re-plans from the current observation."""
         self.safety.reset()
 
+    def pause(self) -> None:
+        """Stop executing the policy at the next tick (one hold, then nothing is sent), e.g. to reset the scene."""
+        self._resume_requested.clear()
+        self._pause_requested.set()
+
+    def resume(self) -> None:
+        """Resume after :meth:`pause`: the next tick plans from a fresh observation (the arm may have moved)."""
+        self._pause_requested.clear()
+        self._resume_requested.set()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def _on_control(self, command: str) -> None:
+        actions = {"pause": self.pause, "resume": self.resume, "reset_estop": self.reset_estop}
+        if command not in actions:
+            logger.warning("Ignored control command %r; allowed: %s.", command, CONTROL_COMMANDS)
+            return
+        actions[command]()
+
     @property
     def remaining_steps(self) -> int:
         """Steps of the current chunk not executed yet."""
         return 0 if self._chunk is None else len(self._chunk) - self._index
 
     def replan_margin(self) -> int:
-        """Steps before the chunk runs out at which the next one is requested: the configured margin, or the
-        p90 inference latency in control periods (rounded up) if that is longer."""
+        """Steps before the chunk runs out at which the next one is requested: the configured margin, or what the
+        p90 inference latency needs beyond the in-tick wait, in control periods (rounded up), if that is longer."""
         if not self._latency:
             return self.config.replan_margin
         p90 = float(np.percentile(np.asarray(self._latency), 90))
-        return max(self.config.replan_margin, math.ceil(p90 / self.config.dt))
+        needed = math.ceil(max(p90 - self.config.inference_wait_limit, 0.0) / self.config.dt)
+        return max(self.config.replan_margin, needed)
 
     def status(self) -> LoopStatus:
         """Rate, jitter, inference latency and interventions so far."""
@@ -212,6 +268,7 @@ class ControlLoop:
             interventions=dict(self.safety.counts + self.counts),
             estop=self.safety.estop_reason,
             dry_run=self.config.dry_run,
+            paused=self._paused,
         )
 
     def run(self, max_ticks: int | None = None, stop: threading.Event | None = None, status_every: float = 5.0) -> None:
@@ -245,7 +302,7 @@ class ControlLoop:
 
     def tick(self) -> JointTarget | None:
         """One control period's work; returns the command sent this tick (``None`` if nothing was sent: before the
-        first joint state, or while a trajectory sent earlier runs)."""
+        first joint state, while paused, or while a trajectory sent earlier runs)."""
         now = self.clock()
         self.ticks += 1
         self._tick_times.append(now)
@@ -254,14 +311,32 @@ class ControlLoop:
             logger.warning("No joint state received yet: sending nothing.")
             return None
         images = self.transport.latest_images()
-        missing = self.assembler.missing_cameras(images)
-        if missing:  # cameras still starting up: hold where the arm is
-            logger.warning("No image yet from camera(s) %s: holding.", missing)
+        object_state = self.transport.latest_object_state() if self.assembler.object_state_dim else None
+        missing = self.assembler.missing_inputs(images, object_state)
+        if missing:  # cameras or perception still starting up: hold where the arm is
+            logger.warning("No message yet from %s: holding.", missing)
             q, _ = self.assembler.kinematics.split_joint_state(joint_state.names, joint_state.positions)
             return self._send_hold(q, now, None)
         # Raises on a joint-name/order mismatch: a configuration error, not a transient one.
-        obs = self.assembler.assemble(joint_state, images)
+        obs = self.assembler.assemble(joint_state, images, object_state)
         q = obs.joint_positions
+        if self._pause_requested.is_set():
+            self._pause_requested.clear()
+            if not self._paused:
+                logger.info("Paused: holding until resume.")
+            self._paused = True
+            self._chunk = None
+            return self._send_hold(q, now, None)
+        if self._resume_requested.is_set():
+            self._resume_requested.clear()
+            if self._paused:  # a resume without a pause (a repeated one) changes nothing
+                logger.info("Resumed: planning from the current observation.")
+                self._paused = False
+                self._generation += 1  # an inference still running saw the scene before the pause
+                self._pending = None
+                self.safety.restart_from(q)
+        if self._paused:
+            return None
         self._collect()
 
         if now - obs.stamp > self.config.stale_limit:
@@ -272,9 +347,12 @@ class ControlLoop:
             return self._send_hold(q, now, "estop")
 
         if self._pending is None and self.remaining_steps <= self.replan_margin():
-            self._pending = self.executor.submit(self._timed_infer, obs)
+            self._pending = self.executor.submit(self._timed_infer, obs, self._generation)
             self._request_tick = self.ticks
-            self._collect()  # a synchronous executor has already finished
+        if self._pending is not None and self.remaining_steps == 0:
+            # Nothing left to execute: a fast inference finishing within the wait beats holding a whole period.
+            concurrent.futures.wait([self._pending], timeout=self.config.inference_wait_limit)
+        self._collect()
 
         if self.remaining_steps == 0:
             # Before the first chunk there is nothing to miss; afterwards the policy missed its deadline.
@@ -292,8 +370,10 @@ class ControlLoop:
             logger.error("Policy inference failed: %r", error)
             self.counts["policy_error"] += 1
             return
-        chunk, seconds = future.result()
+        chunk, seconds, generation = future.result()
         self._latency.append(seconds)
+        if generation != self._generation:
+            return
         chunk = np.asarray(chunk, dtype=np.float64)
         if chunk.ndim != 2 or chunk.shape[1] != self.adapter.action_dim or len(chunk) == 0:
             logger.error("Policy returned a chunk of shape %s, expected (H, %d).", chunk.shape, self.adapter.action_dim)
@@ -304,11 +384,11 @@ class ControlLoop:
         self._index = min(elapsed, len(chunk))
         self._republish = True
 
-    def _timed_infer(self, obs: RobotObservation) -> tuple[np.ndarray, float]:
-        """(On the worker thread.) The chunk and the inference's wall time, s."""
+    def _timed_infer(self, obs: RobotObservation, generation: int) -> tuple[np.ndarray, float, int]:
+        """(On the worker thread.) The chunk, the inference's wall time (s) and the generation it was asked in."""
         start = time.perf_counter()
         chunk = self.infer(obs)
-        return chunk, time.perf_counter() - start
+        return chunk, time.perf_counter() - start, generation
 
     def _execute_step(self, q: np.ndarray, now: float) -> JointTarget | None:
         assert self._chunk is not None, "_execute_step: called with steps remaining"

@@ -121,6 +121,11 @@ class SafetyLayer:
             self._estop_reason = None
             self._previous = None
 
+    def restart_from(self, current: np.ndarray) -> None:
+        """The next command's step limit starts from ``current`` (7,) rad: after a pause the arm may have been moved
+        (a scene reset), and the last command sent is no reference for the next one."""
+        self._previous = np.asarray(current, dtype=np.float64).copy()
+
     @property
     def engaged(self) -> bool:
         """Whether the e-stop latch is engaged."""

@@ -33,6 +33,8 @@ VERBS: dict[str, str] = {
     "pretrain": "behaviour-clone a policy on a dataset (flow matching + EMA)",
     "finetune": "online RL fine-tuning of a pretrained policy (PPO over denoising chains)",
     "eval": "evaluate a checkpoint with its deterministic sampler (eval.json, optional video)",
+    "deploy": "run a checkpoint on a robot through ROS (robot=...): control loop, safety layer, status line",
+    "sim-robot": "a tabletop task in MuJoCo behind a robot's ROS topics, to deploy to without hardware",
 }
 
 USAGE = """usage: robo-rlft <verb> [key=value ...] [--help]
@@ -40,7 +42,8 @@ USAGE = """usage: robo-rlft <verb> [key=value ...] [--help]
 verbs:
 {verbs}
 
-Config groups (pick with group=name): env={envs}  policy={policies}  algo={algos}  experiment={experiments}
+Config groups (pick with group=name): env={envs}  policy={policies}  algo={algos}  robot={robots}
+  experiment={experiments}
 Any field can be overridden, e.g. `robo-rlft finetune env=walker2d algo.iterations=100 run_dir=runs/w2d`.
 `robo-rlft <verb> --help` prints the composed config for that verb.
 """
@@ -62,6 +65,7 @@ def usage() -> str:
         envs="|".join(_group_options("env")),
         policies="|".join(_group_options("policy")),
         algos="|".join(_group_options("algo")),
+        robots="|".join(_group_options("robot")),
         experiments="|".join(_group_options("experiment")) or "(none)",
     )
 
@@ -153,6 +157,8 @@ def _run_verb(verb: str, cfg: Config, overrides: list[str]) -> None:
         "pretrain": commands.pretrain,
         "finetune": commands.finetune,
         "eval": commands.evaluate,
+        "deploy": commands.deploy,
+        "sim-robot": commands.sim_robot,
     }
     handlers[verb](cfg, overrides)
 

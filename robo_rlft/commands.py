@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import random
+import signal
 from importlib import resources
 from pathlib import Path
 
@@ -29,7 +31,7 @@ BUILTIN_FOR_ENV = {"hopper": "hopper_flow"}
 
 
 # Loggers of our packages, whose INFO lines go to the run's log file.
-_PACKAGE_LOGGERS = ("robo_rlft", "envs", "policies")
+_PACKAGE_LOGGERS = ("robo_rlft", "envs", "policies", "real_robot")
 _run_log_handler: logging.Handler | None = None
 
 
@@ -290,3 +292,105 @@ def _write_eval(run_dir: Path, result: dict) -> None:
         lo, hi = result["success_ci95"]
         line += f", success {result['success_rate']:.2f} [{lo:.2f}, {hi:.2f}]"
     print(f"{line}\n-> {run_dir / 'eval.json'}")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a process manager stopping us) ends the run like Ctrl-C: cleanly, with its report written."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def deploy(cfg: Config, overrides: list[str]) -> None:
+    """Run ``deploy.checkpoint`` on ``robot`` until Ctrl-C or ``deploy.duration``; logs every command sent."""
+    from real_robot.deploy import build_deployment
+
+    _seed_everything(cfg)
+    if not cfg.deploy.checkpoint:
+        raise ValueError("deploy.checkpoint is required: a checkpoint directory or a run directory.")
+    checkpoint = resolve_checkpoint(cfg.deploy.checkpoint)
+    run_dir = _setup(cfg, "deploy")
+    # Every command sent, one line each, in its own file (DEBUG: too many for the console).
+    command_log = logging.FileHandler(run_dir / "commands.log")
+    command_log.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    command_logger = logging.getLogger("real_robot.commands")
+    command_logger.setLevel(logging.DEBUG)
+    command_logger.propagate = False
+    command_logger.addHandler(command_log)
+    deployment = build_deployment(cfg.robot, checkpoint, instruction=cfg.deploy.instruction)
+    try:
+        with _sigterm_as_interrupt():
+            deployment.run(cfg.deploy.duration, cfg.deploy.status_every)
+    finally:
+        deployment.close()
+        command_logger.removeHandler(command_log)
+        command_log.close()
+    status = deployment.loop.status()
+    report = {"checkpoint": str(checkpoint), "robot": cfg.robot.name, "transport": cfg.robot.transport}
+    report.update(dataclasses.asdict(status))
+    (run_dir / "deploy.json").write_text(json.dumps(report, indent=2))
+    print(f"deploy: {status.line()}\n-> {run_dir / 'deploy.json'}, {run_dir / 'commands.log'}")
+
+
+def sim_robot(cfg: Config, overrides: list[str]) -> None:
+    """Run ``sim_robot.episodes`` episodes of a tabletop task behind ``robot``'s topics; writes ``sim_robot.json``."""
+    from real_robot.deploy import build_sim_robot
+    from robo_rlft.stats import wilson_ci95
+
+    _seed_everything(cfg)
+    if cfg.env.name != "tabletop":
+        raise ValueError(f"sim-robot runs a tabletop task; pass env=tabletop env.task=..., not env={cfg.env.name}.")
+    section = cfg.sim_robot
+    last = section.first_init_state + section.episodes
+    fixed = _fixed_init_state_count()
+    if last > fixed:
+        raise ValueError(
+            f"sim_robot.first_init_state + sim_robot.episodes = {last} exceeds the task's {fixed} fixed init states."
+        )
+    run_dir = _setup(cfg, "sim-robot")
+    env_kwargs = {**cfg.env.make_kwargs(), "image_size": cfg.env.image_size}
+    robot = build_sim_robot(
+        cfg.robot,
+        cfg.env.env_id,
+        env_kwargs,
+        settle_ticks=section.settle_ticks,
+        start_timeout=section.start_timeout,
+    )
+    logger.info(
+        "Simulated %s: %s over %s, init states %d..%d.",
+        cfg.robot.name,
+        cfg.env.task,
+        cfg.robot.transport,
+        section.first_init_state,
+        last - 1,
+    )
+    try:
+        with _sigterm_as_interrupt():
+            robot.run(range(section.first_init_state, last))
+    except KeyboardInterrupt:
+        logger.info("Interrupted after %d episodes.", len(robot.reports))
+    finally:
+        robot.endpoint.close()
+        robot.env.close()
+    successes = sum(r.success for r in robot.reports)
+    episodes = len(robot.reports)
+    result: dict = {"env": cfg.env.env_id, "robot": cfg.robot.name, "transport": cfg.robot.transport}
+    result["episodes"] = episodes
+    result["success_rate"] = successes / episodes if episodes else None
+    result["success_ci95"] = list(wilson_ci95(successes, episodes)[1:]) if episodes else None
+    result["reports"] = [dataclasses.asdict(r) for r in robot.reports]
+    (run_dir / "sim_robot.json").write_text(json.dumps(result, indent=2))
+    print(f"sim-robot: {successes}/{episodes} episodes succeeded\n-> {run_dir / 'sim_robot.json'}")
+
+
+def _fixed_init_state_count() -> int:
+    from envs.tabletop.env import TabletopEnv
+
+    return TabletopEnv.num_fixed_init_states

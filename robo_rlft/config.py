@@ -22,6 +22,7 @@ from policies.diffusion import DiffusionPolicyConfig
 from policies.flow import FlowPolicyConfig
 from policies.gaussian import GaussianPolicyConfig
 from policies.vla import VLAPolicyConfig
+from real_robot.transport import Topics
 
 RATIO_UNITS: tuple[str, ...] = ("chain", "transition")
 
@@ -417,6 +418,110 @@ class EvalConfig:
         _check_positive("eval", self, "episodes", "num_envs")
 
 
+ROBOT_TRANSPORTS: tuple[str, ...] = ("ros2", "ros1")
+ROBOT_OUTPUTS: tuple[str, ...] = ("stream", "trajectory", "pose")
+
+
+@dataclass
+class RobotConfig:
+    """``robot=``: one arm behind ROS — transport, joints, limits, topics, rate (``configs/robot/``).
+
+    Attributes:
+        name: the preset's name.
+        transport: ``ros2`` (rclpy, the ``ros2`` extra) or ``ros1`` (rospy from the system).
+        rate_hz: control rate, Hz; the policy's training rate (the tabletop's is 20 Hz).
+        output: ``stream`` (``std_msgs/Float64MultiArray`` to a position controller every tick), ``trajectory``
+            (``trajectory_msgs/JointTrajectory`` per chunk, point k at k·dt) or ``pose`` (``PoseStamped`` for a
+            Cartesian impedance controller).
+        joint_names: the robot driver's 7 arm joint names, in the order the model's joints 1–7 map to.
+        finger_names: the driver's 2 finger joint names.
+        base_frame: ``frame_id`` of the arm's base (poses are sent relative to it).
+        base_pos: (3,) where the arm's base sits in the policy's world frame, m (``null``: where the tabletop scene
+            puts it, ``envs.tabletop.scene.ARM_BASE_POS``).
+        max_step, max_velocity, workspace_min, workspace_max: safety limits (``real_robot.safety.SafetyLimits``,
+            whose defaults ``null`` keeps); ``workspace_min: []`` disables the workspace box.
+        stale_after: s; an older observation makes the loop hold (``null``: two control periods).
+        replan_margin: request the next chunk when this many steps of the current one remain.
+        dry_run: publish commands on the shadow topics only.
+        topics: topic names (``real_robot.transport.Topics``, which documents each one's message type).
+    """
+
+    name: str = "panda_sim"
+    transport: str = "ros2"
+    rate_hz: float = 20.0
+    output: str = "stream"
+    joint_names: list[str] = field(default_factory=lambda: [f"panda_joint{i}" for i in range(1, 8)])
+    finger_names: list[str] = field(default_factory=lambda: ["panda_finger_joint1", "panda_finger_joint2"])
+    base_frame: str = "panda_link0"
+    base_pos: list[float] | None = None
+    max_step: float | None = None
+    max_velocity: float | None = None
+    workspace_min: list[float] | None = None
+    workspace_max: list[float] | None = None
+    stale_after: float | None = None
+    replan_margin: int = 2
+    dry_run: bool = False
+    topics: Topics = field(default_factory=Topics)
+
+    def __post_init__(self) -> None:
+        _check_choice("robot.transport", self.transport, ROBOT_TRANSPORTS)
+        _check_choice("robot.output", self.output, ROBOT_OUTPUTS)
+        _check_positive("robot", self, "rate_hz")
+        if len(self.joint_names) != 7 or len(self.finger_names) != 2:
+            raise ValueError(
+                f"robot.joint_names needs 7 names and robot.finger_names 2, got {list(self.joint_names)} and "
+                f"{list(self.finger_names)}."
+            )
+        if self.base_pos is not None and len(self.base_pos) != 3:
+            raise ValueError(f"robot.base_pos must be [x, y, z] in metres, got {list(self.base_pos)}.")
+        for camera in self.topics.cameras:
+            _check_choice("robot.topics.cameras", camera, CAMERA_NAMES)
+
+
+@dataclass
+class DeployConfig:
+    """``robo-rlft deploy``: run a checkpoint on ``robot``.
+
+    Attributes:
+        checkpoint: policy checkpoint directory or run directory (its ``best``/``final`` policy).
+        duration: stop after this many seconds (``null``: until Ctrl-C).
+        status_every: seconds between status lines (rate, jitter, inference latency, interventions).
+        instruction: the language instruction (default: the checkpoint's task's).
+    """
+
+    checkpoint: str | None = None
+    duration: float | None = None
+    status_every: float = 5.0
+    instruction: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive("deploy", self, "status_every")
+        if self.duration is not None:
+            _check_positive("deploy", self, "duration")
+
+
+@dataclass
+class SimRobotSection:
+    """``robo-rlft sim-robot``: a tabletop task in MuJoCo behind ``robot``'s topics (``real_robot.sim_robot``).
+
+    Attributes:
+        episodes: episodes to run, from fixed init state ``first_init_state`` on (the ones ``eval`` uses).
+        first_init_state: index of the first fixed init state.
+        settle_ticks: control periods between a scene reset and handing over to the policy.
+        start_timeout: s to wait for the policy's first command of an episode.
+    """
+
+    episodes: int = 10
+    first_init_state: int = 0
+    settle_ticks: int = 5
+    start_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        _check_positive("sim_robot", self, "episodes", "settle_ticks", "start_timeout")
+        if self.first_init_state < 0:
+            raise ValueError(f"sim_robot.first_init_state must be >= 0, got {self.first_init_state}.")
+
+
 @dataclass
 class Config:
     """The whole run: one node per group plus per-verb sections.
@@ -438,6 +543,9 @@ class Config:
     collect: CollectConfig = field(default_factory=CollectConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    robot: RobotConfig = field(default_factory=RobotConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
+    sim_robot: SimRobotSection = field(default_factory=SimRobotSection)
     seed: int = 0
     run_dir: str | None = None
     resume: str | None = None
@@ -495,6 +603,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="env", name="base_env", node=EnvConfig)
+    cs.store(group="robot", name="base_robot", node=RobotConfig)
     for name, section in POLICY_SECTIONS.items():
         cs.store(group="policy", name=f"base_{name}", node=section)
     cs.store(group="algo", name="base_ppo", node=PPOConfig)

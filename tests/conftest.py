@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
 import pytest
 import torch
+from deploy_e2e import EPISODES, TASK
 
-from policies.checkpoint import save_policy
+from policies.checkpoint import load_policy, save_policy
 from policies.flow import FlowPolicy, FlowPolicyConfig
 from policies.noise import FlowNoiseConfig
+
+# tests/ros1 needs rospy, which only a ROS 1 interpreter has: tests/test_ros1_backend.py runs that folder in one.
+# find_spec, not import: importing rospy here would load ROS into every test process.
+collect_ignore = [] if importlib.util.find_spec("rospy") else ["ros1"]
 
 # The networks in tests are tiny; on a 2-core machine shared with the simulator a second torch
 # thread made small-MLP forwards ~30x slower.
@@ -91,6 +97,39 @@ def hopper_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "hopper_flow"
     save_policy(policy, path, {"env": "hopper", "act_steps": 2, "trained_by": "tests"}, include_noise=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def lift_policy(tmp_path_factory) -> Path:
+    """A LiftCube policy: 50 scripted demos → 4000 BC steps → 2 PPO iterations (the fine-tuned checkpoint)."""
+    work = tmp_path_factory.mktemp("lift")
+    env = ["experiment=tabletop", f"env.task={TASK}", "progress=false"]
+    steps = [
+        ["collect", *env, "collect.episodes=50", "collect.action_noise=0.1", f"run_dir={work / 'data'}"],
+        ["pretrain", *env, f"pretrain.dataset={work / 'data' / 'dataset.npz'}", "pretrain.gradient_steps=4000"],
+        ["finetune", *env, f"policy.pretrained={work / 'bc' / 'final'}", "algo.iterations=2", "env.num_envs=16"],
+    ]
+    steps[1] += ["pretrain.eval_episodes=0", f"run_dir={work / 'bc'}"]
+    steps[2] += ["algo.steps_per_iteration=50", "algo.eval_episodes=10", f"run_dir={work / 'ft'}"]
+    from robo_rlft.cli import main
+
+    for argv in steps:
+        assert main(argv) == 0, argv
+    return work / "ft" / "final"
+
+
+@pytest.fixture(scope="session")
+def direct_successes(lift_policy) -> int:
+    """Successes of the policy in direct simulation on fixed init states 0..EPISODES-1."""
+    from robo_rlft.evaluation import evaluate_policy
+
+    policy, metadata = load_policy(lift_policy)
+    result = evaluate_policy(
+        policy, metadata["env"], EPISODES, metadata["act_steps"], num_envs=10, env_kwargs=metadata["env_kwargs"]
+    )
+    successes = round(result["success_rate"] * EPISODES)
+    assert successes >= EPISODES // 2, f"the trained policy is too weak to test deployment: {successes}/{EPISODES}"
+    return successes
 
 
 @pytest.fixture(autouse=True)

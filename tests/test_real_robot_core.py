@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import subprocess
 import sys
 import threading
 
@@ -16,7 +17,7 @@ from real_robot.adapters import ActionAdapter, ArmKinematics, JointTarget
 from real_robot.loop import ControlLoop, LoopConfig
 from real_robot.observation import ObservationAssembler, PolicyRunner
 from real_robot.safety import SafetyLayer, SafetyLimits
-from real_robot.transport import InMemoryTransport
+from real_robot.transport import InMemoryTransport, JointState, ObjectState
 
 NAMES = ARM_JOINTS + FINGER_JOINTS
 WRIST = 6  # joint 7 turns the tool about its own axis: the tool position (workspace check) does not change
@@ -439,5 +440,81 @@ def test_flow_policy_drives_the_loop_on_a_worker_thread(kinematics, flow_policy_
     assert status.ticks == 30
 
 
-def test_no_ros_import():
-    assert not any(name.startswith(("rclpy", "rospy")) for name in sys.modules)
+def test_core_imports_no_ros():
+    """The core (and the CLI wiring) loads without ROS; in a fresh interpreter, since other tests load rclpy."""
+    modules = "real_robot.loop, real_robot.safety, real_robot.observation, real_robot.sim_robot, real_robot.deploy"
+    code = (
+        f"import sys, {modules}\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('rclpy', 'rospy'))\n"
+        "assert not loaded, loaded"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+# -- operator control, perception input, in-tick wait ---------------------------------------------------------
+
+
+def test_pause_holds_once_then_sends_nothing_and_resume_replans(kinematics):
+    loop, transport, clock, policy = make_loop(kinematics, LoopConfig(replan_margin=0))
+    for _ in range(3):
+        robot_tick(loop, transport, clock)
+    calls = policy.calls
+    transport.send_control("pause")
+    hold = robot_tick(loop, transport, clock)
+    assert loop.paused and loop.status().paused
+    np.testing.assert_array_equal(hold.positions, transport.latest_joint_state().positions[:7])
+    sent = len(transport.sent["joint_command"])
+    for _ in range(5):
+        assert robot_tick(loop, transport, clock) is None
+    assert len(transport.sent["joint_command"]) == sent and policy.calls == calls
+    transport.send_control("resume")
+    command = robot_tick(loop, transport, clock)
+    assert not loop.paused and policy.calls == calls + 1
+    assert decode(command.positions) == (calls, 0)  # a new chunk from its first step
+
+
+def test_an_inference_started_before_a_pause_is_discarded(kinematics):
+    executor = ManualExecutor(immediate=False)
+    config = LoopConfig(replan_margin=0, inference_wait=0.0)
+    loop, transport, clock, _ = make_loop(kinematics, config, executor=executor)
+    robot_tick(loop, transport, clock)  # asks for chunk 0
+    transport.send_control("pause")
+    robot_tick(loop, transport, clock)
+    executor.finish()  # chunk 0 arrives while paused: planned on the scene before the pause
+    transport.send_control("resume")
+    robot_tick(loop, transport, clock)  # asks for chunk 1
+    executor.finish()
+    command = robot_tick(loop, transport, clock)
+    assert decode(command.positions)[0] == 1
+
+
+def test_control_topic_releases_the_estop_and_ignores_unknown_commands(kinematics, caplog):
+    loop, transport, _, _ = make_loop(kinematics)
+    transport.trigger_estop("test")
+    transport.send_control("go faster")
+    assert loop.safety.engaged
+    assert "Ignored control command 'go faster'" in caplog.text
+    transport.send_control("resume")  # not a release
+    assert loop.safety.engaged
+    transport.send_control("reset_estop")
+    assert not loop.safety.engaged
+
+
+def test_a_fast_inference_starts_its_chunk_in_the_same_tick(kinematics):
+    """When the chunk has run out, the tick waits briefly for the running inference instead of holding."""
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        loop, transport, clock, _ = make_loop(kinematics, LoopConfig(replan_margin=0), executor=executor)
+        command = robot_tick(loop, transport, clock)
+    assert decode(command.positions) == (0, 0)
+    assert loop.safety.counts["deadline_miss"] == 0
+
+
+def test_object_state_is_required_and_checked(kinematics):
+    assembler = ObservationAssembler(kinematics, object_state_dim=3)
+    joint_state = JointState(NAMES, np.append(HOME_QPOS, [0.04, 0.04]), stamp=1.0)
+    assert assembler.missing_inputs({}, None) == ["object_state"]
+    with pytest.raises(ValueError, match=r"object_state has shape \(2,\); the policy takes \(3,\)"):
+        assembler.assemble(joint_state, {}, ObjectState(np.zeros(2), 1.0))
+    obs = assembler.assemble(joint_state, {}, ObjectState(np.arange(3.0), 0.5))
+    assert obs.stamp == 0.5 and obs.object_state.dtype == np.float32

@@ -110,6 +110,26 @@ def test_fixed_init_states_are_deterministic_distinct_and_used():
         env.reset(options={"init_state": NUM_EVAL_INIT_STATES})
 
 
+def test_a_step_in_slices_equals_step():
+    """The simulated robot's sliced control step (apply_action, advance in parts, finish_step) is exactly step()."""
+    whole = TabletopEnv("LiftCube", action_mode="joint")
+    sliced = TabletopEnv("LiftCube", action_mode="joint")
+    whole.reset(options={"init_state": 3})
+    sliced.reset(options={"init_state": 3})
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        action = np.append(whole.arm.q + rng.normal(0, 0.05, 7), rng.uniform(-1, 1))
+        expected = whole.step(action.astype(np.float32))
+        sliced.apply_action(action.astype(np.float32))
+        for _ in range(5):
+            sliced.advance(5)
+        got = sliced.finish_step()
+        np.testing.assert_array_equal(got[0]["state"], expected[0]["state"])
+        np.testing.assert_array_equal(got[0]["object_state"], expected[0]["object_state"])
+        np.testing.assert_array_equal(sliced.object_state(), expected[0]["object_state"])
+        assert got[1:4] == expected[1:4]
+
+
 def test_constructor_validates_arguments():
     with pytest.raises(ValueError, match="action_mode"):
         TabletopEnv(action_mode="osc")

@@ -181,6 +181,15 @@ class TabletopEnv(gym.Env):
         return self._observation(), info
 
     def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
+        self.apply_action(action)
+        self.advance(CONTROL_SUBSTEPS)
+        return self.finish_step()
+
+    # A control step in parts, for a simulated robot that runs in real time and takes a new command at any
+    # physics substep (real_robot.sim_robot): step() is exactly these three calls.
+
+    def apply_action(self, action: np.ndarray) -> None:
+        """Set the servo targets from ``action`` (the action space's shape); no physics runs."""
         action = np.asarray(action, dtype=np.float64)
         if action.shape != self.action_space.shape:
             raise ValueError(f"step: expected an action of shape {self.action_space.shape}, got {action.shape}.")
@@ -189,9 +198,14 @@ class TabletopEnv(gym.Env):
         else:
             gripper = 0.5 * (1.0 - float(np.clip(action[7], -1.0, 1.0)))  # -1 open → 1 (fully open)
             self.arm.set_joint_targets(action[:7], gripper)
-        mujoco.mj_step(self.model, self.data, nstep=CONTROL_SUBSTEPS)
-        self._steps += 1
 
+    def advance(self, substeps: int) -> None:
+        """Run ``substeps`` physics steps (of ``CONTROL_SUBSTEPS`` per control step) toward the current targets."""
+        mujoco.mj_step(self.model, self.data, nstep=substeps)
+
+    def finish_step(self) -> tuple[dict, float, bool, bool, dict]:
+        """Count one control step and return what ``step`` returns for it."""
+        self._steps += 1
         success = self._success()
         info: dict[str, Any] = {"instruction": self.instruction, "is_success": success}
         reward = 1.0 if success else 0.0
@@ -237,16 +251,19 @@ class TabletopEnv(gym.Env):
     def _success(self) -> bool:
         return self.task.success(self)
 
+    def object_state(self) -> np.ndarray:
+        """The observation's ``object_state`` now: (7·n + k,) float32, object poses then object joints."""
+        ids = self._object_body_ids
+        poses = np.concatenate([self.data.xpos[ids], self.data.xquat[ids]], axis=1)  # (n, 7)
+        joints = self.data.qpos[self._joint_qpos_index]  # (k,)
+        return np.concatenate([poses.ravel(), joints]).astype(np.float32)
+
     def _observation(self) -> dict[str, np.ndarray]:
         state = np.empty(8, np.float32)
         state[:3] = self.data.site_xpos[self.arm.site_id]
         state[3:6] = self.arm.ee_axis_angle()
         state[6:] = self.data.qpos[self.arm.finger_qpos_index]
-        ids = self._object_body_ids
-        poses = np.concatenate([self.data.xpos[ids], self.data.xquat[ids]], axis=1)  # (n, 7)
-        joints = self.data.qpos[self._joint_qpos_index]  # (k,)
-        object_state = np.concatenate([poses.ravel(), joints]).astype(np.float32)
-        obs = {"state": state, "object_state": object_state}
+        obs = {"state": state, "object_state": self.object_state()}
         for camera in self.cameras:
             obs[f"{camera}_image"] = self._render(CAMERAS[camera])
         return obs
