@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from real_robot.adapters import ActionAdapter, ArmKinematics
+from real_robot.adapters import ActionAdapter, ArmKinematics, check_action_mode
 from real_robot.loop import ControlLoop, LoopConfig
 from real_robot.observation import ObservationAssembler, PolicyRunner
 from real_robot.safety import SafetyLayer, SafetyLimits
@@ -56,7 +56,7 @@ def make_robot_endpoint(kind: str, topics: Topics, clock: Callable[[], float] = 
 
 
 def kinematics_from(robot: Any) -> ArmKinematics:
-    """The arm model with the robot's joint names and base."""
+    """The model of ``robot.arm`` with the robot's joint names and base."""
     kwargs: dict[str, Any] = {}
     if robot.base_pos is not None:
         kwargs["base_pos"] = tuple(robot.base_pos)
@@ -64,13 +64,14 @@ def kinematics_from(robot: Any) -> ArmKinematics:
         joint_names=tuple(robot.joint_names),
         finger_names=tuple(robot.finger_names),
         base_frame=robot.base_frame,
+        arm=robot.arm,
         **kwargs,
     )
 
 
 def safety_limits_from(robot: Any) -> SafetyLimits:
-    """:class:`SafetyLimits` at the robot's rate, with the config's overrides (``None`` keeps the default; an empty
-    workspace disables the box)."""
+    """:class:`SafetyLimits` for ``robot.arm``'s joint limits at the robot's rate, with the config's overrides
+    (``None`` keeps the default; an empty workspace disables the box)."""
     overrides: dict[str, Any] = {"dt": 1.0 / robot.rate_hz}
     for name in ("max_step", "max_velocity"):
         if getattr(robot, name) is not None:
@@ -83,7 +84,7 @@ def safety_limits_from(robot: Any) -> SafetyLimits:
                 workspace_min=np.asarray(robot.workspace_min, dtype=np.float64),
                 workspace_max=np.asarray(robot.workspace_max, dtype=np.float64),
             )
-    return SafetyLimits(**overrides)
+    return SafetyLimits.for_arm(robot.arm, **overrides)
 
 
 def task_instruction(metadata: dict[str, Any]) -> str:
@@ -132,11 +133,13 @@ def build_deployment(
         transport: use this backend instead of building ``robot.transport``'s (tests pass an in-memory one).
 
     Raises:
-        ValueError: the checkpoint does not fit the robot (action mode, cameras the robot does not publish).
+        ValueError: the checkpoint does not fit the robot (a ``joint`` action-mode policy on an arm other than the
+            Panda it was trained on, cameras the robot does not publish).
     """
     runner, metadata = PolicyRunner.from_checkpoint(checkpoint)
     env_kwargs = metadata.get("env_kwargs", {})
     action_mode = env_kwargs.get("action_mode", "delta_ee")
+    check_action_mode(robot.arm, action_mode)  # before any transport is opened
     cameras: tuple[str, ...] = tuple(runner.policy.config.cameras) if runner.kind == "vla" else ()
     missing = [c for c in cameras if c not in robot.topics.cameras]
     if missing:

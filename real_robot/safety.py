@@ -23,12 +23,14 @@ import logging
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from envs.tabletop.robot import Q_MAX, Q_MIN
 from envs.tabletop.scene import TABLE_HEIGHT
 from real_robot.adapters import ArmKinematics, JointTarget
+from real_robot.arms import get_arm
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +49,18 @@ INTERVENTIONS: tuple[str, ...] = (
 # Interventions that replace the command by a hold (the others only shorten it).
 REJECTIONS: tuple[str, ...] = ("estop", "nonfinite", "workspace_reject")
 _WORKSPACE_BISECTIONS = 12  # fraction resolution 2⁻¹² of one step
+# Position limits are kept this far inside the arm's own (rad): a controller that is asked for exactly its limit
+# may fault on overshoot.
+JOINT_LIMIT_MARGIN = 0.02
 
 
 @dataclass(frozen=True)
 class SafetyLimits:
-    """Limits for one Panda-like arm. Defaults are conservative; widen them only after dry runs.
+    """Limits for one arm. Defaults are conservative, and the Panda's; widen them only after dry runs.
 
     Attributes:
-        q_min, q_max: (7,) joint position limits, rad (the Panda's, 0.02 rad inside).
+        q_min, q_max: (n,) joint position limits, rad (default the Panda's, 0.02 rad inside; another arm's from
+            :meth:`for_arm`).
         max_step: largest change of any joint between consecutive commands, rad per control period.
         max_velocity: largest ``|target - measured| / dt`` of any joint, rad/s (the Panda's limits are 2.175 /
             2.61 rad/s).
@@ -63,8 +69,8 @@ class SafetyLimits:
         dt: control period, s.
     """
 
-    q_min: np.ndarray = field(default_factory=lambda: Q_MIN + 0.02)
-    q_max: np.ndarray = field(default_factory=lambda: Q_MAX - 0.02)
+    q_min: np.ndarray = field(default_factory=lambda: Q_MIN + JOINT_LIMIT_MARGIN)
+    q_max: np.ndarray = field(default_factory=lambda: Q_MAX - JOINT_LIMIT_MARGIN)
     max_step: float = 0.15
     max_velocity: float = 1.5
     workspace_min: np.ndarray | None = field(default_factory=lambda: np.array([-0.45, -0.55, TABLE_HEIGHT + 0.01]))
@@ -73,8 +79,8 @@ class SafetyLimits:
 
     def __post_init__(self) -> None:
         q_min, q_max = np.asarray(self.q_min, dtype=np.float64), np.asarray(self.q_max, dtype=np.float64)
-        if q_min.shape != (7,) or q_max.shape != (7,) or np.any(q_min >= q_max):
-            raise ValueError(f"SafetyLimits: q_min < q_max must be (7,) arrays, got {q_min} and {q_max}.")
+        if q_min.ndim != 1 or q_min.shape != q_max.shape or np.any(q_min >= q_max):
+            raise ValueError(f"SafetyLimits: q_min < q_max must be (n,) arrays of one length, got {q_min} and {q_max}.")
         for name in ("max_step", "max_velocity", "dt"):
             if not getattr(self, name) > 0.0:
                 raise ValueError(f"SafetyLimits: {name} must be > 0, got {getattr(self, name)}.")
@@ -84,6 +90,25 @@ class SafetyLimits:
             raise ValueError(
                 f"SafetyLimits: workspace_min {self.workspace_min} must be below workspace_max {self.workspace_max}."
             )
+
+    @property
+    def n_joints(self) -> int:
+        """n, the number of arm joints these limits are for."""
+        return len(self.q_min)
+
+    @classmethod
+    def for_arm(cls, arm: str, **overrides: Any) -> SafetyLimits:
+        """Limits for arm ``arm`` (a key of :data:`real_robot.arms.ARMS`): its joint limits,
+        :data:`JOINT_LIMIT_MARGIN` inside, and the defaults (or ``overrides``) for the rest.
+
+        The workspace box stays the tabletop's: it is in the policy's world frame, not the arm's."""
+        spec = get_arm(arm)
+        limits: dict[str, Any] = {
+            "q_min": spec.q_min + JOINT_LIMIT_MARGIN,
+            "q_max": spec.q_max - JOINT_LIMIT_MARGIN,
+        }
+        limits.update(overrides)
+        return cls(**limits)
 
 
 class SafetyLayer:
@@ -97,6 +122,12 @@ class SafetyLayer:
     """
 
     def __init__(self, limits: SafetyLimits, kinematics: ArmKinematics) -> None:
+        if limits.n_joints != kinematics.n_joints:
+            raise ValueError(
+                f"SafetyLayer: the limits are for {limits.n_joints} joints but the arm model "
+                f"{kinematics.arm_name!r} has {kinematics.n_joints}; build them with "
+                f"SafetyLimits.for_arm({kinematics.arm_name!r})."
+            )
         self.limits = limits
         self.kinematics = kinematics
         self.counts: Counter[str] = Counter()
@@ -122,7 +153,7 @@ class SafetyLayer:
             self._previous = None
 
     def restart_from(self, current: np.ndarray) -> None:
-        """The next command's step limit starts from ``current`` (7,) rad: after a pause the arm may have been moved
+        """The next command's step limit starts from ``current`` (n,) rad: after a pause the arm may have been moved
         (a scene reset), and the last command sent is no reference for the next one."""
         self._previous = np.asarray(current, dtype=np.float64).copy()
 
@@ -139,7 +170,7 @@ class SafetyLayer:
     # -- filtering -----------------------------------------------------------------------------------
 
     def hold(self, current: np.ndarray, reason: str | None = None) -> JointTarget:
-        """A command that keeps the arm where it is (``current`` (7,) rad); counts ``reason`` if given."""
+        """A command that keeps the arm where it is (``current`` (n,) rad); counts ``reason`` if given."""
         if reason is not None:
             self.counts[reason] += 1
         q = np.asarray(current, dtype=np.float64).copy()
@@ -158,8 +189,8 @@ class SafetyLayer:
 
         Args:
             command: the policy's target.
-            current: (7,) measured joint positions, rad.
-            previous: (7,) the command before this one, rad (default: the last one this layer passed, or
+            current: (n,) measured joint positions, rad.
+            previous: (n,) the command before this one, rad (default: the last one this layer passed, or
                 ``current`` after a reset); a trajectory passes its previous point.
             lead_steps: how many control periods ahead of ``current`` the command is due (1 when streaming,
                 k for a trajectory's k-th point): the velocity bound is ``max_velocity · dt · lead_steps``.
@@ -173,7 +204,11 @@ class SafetyLayer:
             return self.hold(current, "estop"), ("estop",)
         q = np.asarray(command.positions, dtype=np.float64)
         gripper = command.gripper
-        if q.shape != (7,) or not np.all(np.isfinite(q)) or (gripper is not None and not np.isfinite(gripper)):
+        if (
+            q.shape != (self.limits.n_joints,)
+            or not np.all(np.isfinite(q))
+            or (gripper is not None and not np.isfinite(gripper))
+        ):
             logger.warning("Rejected a non-finite command %s (gripper %s): holding.", q, gripper)
             return self.hold(current, "nonfinite"), ("nonfinite",)
         if previous is None:

@@ -43,7 +43,7 @@ verbs:
 {verbs}
 
 Config groups (pick with group=name): env={envs}  policy={policies}  algo={algos}  robot={robots}
-  experiment={experiments}
+  scale={scales}  experiment={experiments}
 Any field can be overridden, e.g. `robo-rlft finetune env=walker2d algo.iterations=100 run_dir=runs/w2d`.
 `robo-rlft <verb> --help` prints the composed config for that verb.
 """
@@ -66,6 +66,7 @@ def usage() -> str:
         policies="|".join(_group_options("policy")),
         algos="|".join(_group_options("algo")),
         robots="|".join(_group_options("robot")),
+        scales="|".join(_group_options("scale")),
         experiments="|".join(_group_options("experiment")) or "(none)",
     )
 

@@ -399,6 +399,40 @@ class PretrainConfig:
             raise ValueError(f"pretrain.ema_decay must be in [0, 1), got {self.ema_decay}.")
 
 
+SCALE_BACKENDS: tuple[str, ...] = ("local", "ray")
+
+
+@dataclass
+class ScaleConfig:
+    """``scale=``: where RL rollouts run (``robo_rlft.scale``): ``num_workers`` workers, each stepping its slice of
+    the ``env.num_envs`` training envs, in this process (``local``) or in Ray actors (``ray``).
+
+    Attributes:
+        backend: ``local`` or ``ray`` (the ``ray`` extra).
+        num_workers: rollout workers; ``env.num_envs`` must divide evenly among them (GRPO: whole groups each).
+        envs_per_worker: if set, ``env.num_envs`` becomes ``num_workers * envs_per_worker``.
+        address: Ray cluster (``null``: start Ray on this machine; ``auto``: the cluster this machine is part of;
+            ``ray://HOST:10001``: a remote cluster through Ray Client).
+        cpus_per_worker: CPUs Ray reserves per worker.
+        max_restarts: times Ray restarts a worker that died (its rollout is re-run from the same seeds).
+    """
+
+    backend: str = "local"
+    num_workers: int = 1
+    envs_per_worker: int | None = None
+    address: str | None = None
+    cpus_per_worker: float = 1.0
+    max_restarts: int = 3
+
+    def __post_init__(self) -> None:
+        _check_choice("scale.backend", self.backend, SCALE_BACKENDS)
+        _check_positive("scale", self, "num_workers", "cpus_per_worker")
+        if self.envs_per_worker is not None:
+            _check_positive("scale", self, "envs_per_worker")
+        if self.max_restarts < 0:
+            raise ValueError(f"scale.max_restarts must be >= 0, got {self.max_restarts}.")
+
+
 @dataclass
 class EvalConfig:
     """``robo-rlft eval``: deterministic-sampler evaluation of a checkpoint.
@@ -433,8 +467,11 @@ class RobotConfig:
         output: ``stream`` (``std_msgs/Float64MultiArray`` to a position controller every tick), ``trajectory``
             (``trajectory_msgs/JointTrajectory`` per chunk, point k at k·dt) or ``pose`` (``PoseStamped`` for a
             Cartesian impedance controller).
-        joint_names: the robot driver's 7 arm joint names, in the order the model's joints 1–7 map to.
-        finger_names: the driver's 2 finger joint names.
+        arm: the arm model (``real_robot.arms.ARMS``): ``panda`` (the tabletop's arm; ``joint`` and ``delta_ee``
+            policies) or ``ur5e`` (a UR5e with a Robotiq 2F-85; ``delta_ee`` policies, through its own FK/IK).
+        joint_names: the robot driver's arm joint names (7 for the Panda, 6 for the UR5e), in the order of the
+            model's joints.
+        finger_names: the driver's gripper joint names (the Panda's 2 fingers; the 2F-85's 1 ``finger_joint``).
         base_frame: ``frame_id`` of the arm's base (poses are sent relative to it).
         base_pos: (3,) where the arm's base sits in the policy's world frame, m (``null``: where the tabletop scene
             puts it, ``envs.tabletop.scene.ARM_BASE_POS``).
@@ -450,6 +487,7 @@ class RobotConfig:
     transport: str = "ros2"
     rate_hz: float = 20.0
     output: str = "stream"
+    arm: str = "panda"
     joint_names: list[str] = field(default_factory=lambda: [f"panda_joint{i}" for i in range(1, 8)])
     finger_names: list[str] = field(default_factory=lambda: ["panda_finger_joint1", "panda_finger_joint2"])
     base_frame: str = "panda_link0"
@@ -467,10 +505,15 @@ class RobotConfig:
         _check_choice("robot.transport", self.transport, ROBOT_TRANSPORTS)
         _check_choice("robot.output", self.output, ROBOT_OUTPUTS)
         _check_positive("robot", self, "rate_hz")
-        if len(self.joint_names) != 7 or len(self.finger_names) != 2:
+        from real_robot.arms import ARM_NAMES, ARMS
+
+        _check_choice("robot.arm", self.arm, ARM_NAMES)
+        arm = ARMS[self.arm]
+        if len(self.joint_names) != arm.n_joints or len(self.finger_names) != len(arm.gripper_joints):
             raise ValueError(
-                f"robot.joint_names needs 7 names and robot.finger_names 2, got {list(self.joint_names)} and "
-                f"{list(self.finger_names)}."
+                f"robot.arm={self.arm} needs {arm.n_joints} robot.joint_names and {len(arm.gripper_joints)} "
+                f"robot.finger_names (the driver's names for the model's {list(arm.joints)} and "
+                f"{list(arm.gripper_joints)}), got {list(self.joint_names)} and {list(self.finger_names)}."
             )
         if self.base_pos is not None and len(self.base_pos) != 3:
             raise ValueError(f"robot.base_pos must be [x, y, z] in metres, got {list(self.base_pos)}.")
@@ -546,6 +589,7 @@ class Config:
     robot: RobotConfig = field(default_factory=RobotConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
     sim_robot: SimRobotSection = field(default_factory=SimRobotSection)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
     seed: int = 0
     run_dir: str | None = None
     resume: str | None = None
@@ -556,6 +600,20 @@ class Config:
     def __post_init__(self) -> None:
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device={self.device!r} is not allowed; use 'cpu' or 'cuda[:N]'.")
+        scale = self.scale
+        if scale.envs_per_worker is not None:
+            self.env.num_envs = scale.num_workers * scale.envs_per_worker
+        if self.env.num_envs % scale.num_workers:
+            raise ValueError(
+                f"env.num_envs={self.env.num_envs} does not divide among scale.num_workers={scale.num_workers}: "
+                "every worker steps the same number of envs (or set scale.envs_per_worker)."
+            )
+        per_worker = self.env.num_envs // scale.num_workers
+        if self.algo.name == "grpo" and per_worker % self.algo.group_size:
+            raise ValueError(
+                f"Each of scale.num_workers={scale.num_workers} workers steps {per_worker} envs, not a multiple of "
+                f"algo.group_size={self.algo.group_size}: a group's episodes must run on one worker."
+            )
         if self.algo.name == "grpo" and self.env.num_envs % self.algo.group_size:
             raise ValueError(
                 f"env.num_envs={self.env.num_envs} must be a multiple of algo.group_size={self.algo.group_size} "
@@ -604,6 +662,7 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     cs.store(group="env", name="base_env", node=EnvConfig)
     cs.store(group="robot", name="base_robot", node=RobotConfig)
+    cs.store(group="scale", name="base_scale", node=ScaleConfig)
     for name, section in POLICY_SECTIONS.items():
         cs.store(group="policy", name=f"base_{name}", node=section)
     cs.store(group="algo", name="base_ppo", node=PPOConfig)

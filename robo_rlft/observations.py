@@ -293,13 +293,49 @@ class ObservationBuffer:
             images[t] = obs.images[camera]
         self.instructions[t] = obs.instructions
 
+    def _replace(
+        self, state: torch.Tensor, images: dict[str, torch.Tensor], instructions: np.ndarray | None
+    ) -> ObservationBuffer:
+        buffer = object.__new__(ObservationBuffer)
+        buffer.adapter, buffer.state, buffer.images, buffer.instructions = self.adapter, state, images, instructions
+        return buffer
+
     def head(self, num_steps: int) -> ObservationBuffer:
         """The first ``num_steps`` steps (views, no copy)."""
-        head = object.__new__(ObservationBuffer)
-        head.adapter, head.state = self.adapter, self.state[:num_steps]
-        head.images = {camera: images[:num_steps] for camera, images in self.images.items()}
-        head.instructions = None if self.instructions is None else self.instructions[:num_steps]
-        return head
+        return self._replace(
+            self.state[:num_steps],
+            {camera: images[:num_steps] for camera, images in self.images.items()},
+            None if self.instructions is None else self.instructions[:num_steps],
+        )
+
+    def padded(self, num_steps: int) -> ObservationBuffer:
+        """``num_steps`` steps: these, then zeros (empty instructions) — for slices of different lengths."""
+        extra = num_steps - self.state.shape[0]
+        if extra <= 0:
+            return self.head(num_steps)
+
+        def pad(tensor: torch.Tensor) -> torch.Tensor:
+            return torch.cat([tensor, tensor.new_zeros(extra, *tensor.shape[1:])])
+
+        instructions = None
+        if self.instructions is not None:
+            instructions = np.concatenate([self.instructions, np.full((extra, self.instructions.shape[1]), "", object)])
+        return self._replace(pad(self.state), {c: pad(images) for c, images in self.images.items()}, instructions)
+
+    @staticmethod
+    def concat_envs(buffers: Sequence[ObservationBuffer]) -> ObservationBuffer:
+        """Buffers of disjoint env slices (same ``T``) → one ``(T, ΣN)`` buffer, envs in the given order."""
+        first = buffers[0]
+        if len(buffers) == 1:
+            return first
+        instructions = None
+        if first.instructions is not None:
+            instructions = np.concatenate([buffer.instructions for buffer in buffers], axis=1)
+        return first._replace(
+            torch.cat([buffer.state for buffer in buffers], dim=1),
+            {camera: torch.cat([buffer.images[camera] for buffer in buffers], dim=1) for camera in first.images},
+            instructions,
+        )
 
     def flat(self) -> torch.Tensor | VLAObservation:
         """Every stored input, ``T * N`` rows in ``(t, n)`` order (``[T, N, ...] -> [T * N, ...]``)."""

@@ -21,7 +21,7 @@ from robo_rlft.checkpointing import latest_checkpoint, load_training_checkpoint,
 from robo_rlft.cli import compose_config, main
 
 # Columns that hold wall-clock times: they differ between any two runs.
-TIME_COLUMNS = ("time_sim", "time_inference", "time_update")
+TIME_COLUMNS = ("time_sim", "time_inference", "time_rollout", "time_update")
 
 
 def _all_rows(run_dir: Path) -> list[dict[str, str]]:

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import robo_rlft.algos.grpo as grpo
+import robo_rlft.scale as scale
 from envs import make_vector_env
 from robo_rlft.checkpointing import latest_checkpoint, load_training_checkpoint
 from robo_rlft.cli import main
@@ -125,7 +126,7 @@ def _with_equal_returns(monkeypatch, groups: list[int]) -> None:
             result.returns[g * algo.group_size : (g + 1) * algo.group_size] = 42.0
         return result
 
-    monkeypatch.setattr(grpo, "collect_group_rollouts", rollout)
+    monkeypatch.setattr(scale, "collect_group_rollouts", rollout)  # the workers run the rollout
 
 
 @pytest.mark.parametrize(("dynamic", "equal_groups"), [(True, [0]), (False, [0]), (True, [0, 1])])

@@ -16,7 +16,9 @@ all prefixed with the ``prefix`` given to :func:`add_panda`.
 :class:`PandaArm` wraps a compiled model and its data: named accessors, damped-least-squares inverse
 kinematics (one step per control step, or iterated to convergence on scratch data) and LIBERO's 7-D
 delta end-effector action (robosuite ``OSC_POSE``: ±0.05 m and ±0.5 rad per control step, last
-dimension -1 opens / +1 closes the gripper) mapped to joint position targets.
+dimension -1 opens / +1 closes the gripper) mapped to joint position targets. Those three live in
+:class:`SerialArm`, which knows an arm only by its joint and site names, so another arm's model (the UR5e of
+``real_robot.arms``) shares the one implementation; :class:`PandaArm` adds the actuators and fingers.
 """
 
 from __future__ import annotations
@@ -330,21 +332,11 @@ def build_panda_model(timestep: float = 0.002) -> mujoco.MjModel:
 class IKResult(NamedTuple):
     """Outcome of :meth:`PandaArm.ik_solve`."""
 
-    q: np.ndarray  # (7,) joint positions, always within the limits
+    q: np.ndarray  # (n,) joint positions, always within the limits
     pos_error: float  # metres, |target - reached|
     rot_error: float  # radians, angle between target and reached orientation (0 if position-only)
     success: bool  # both errors within the requested tolerances
     iterations: int  # DLS iterations used, over all restarts
-
-
-def _require_id(model: mujoco.MjModel, obj: mujoco.mjtObj, name: str, kind: str) -> int:
-    index = mujoco.mj_name2id(model, obj, name)
-    if index < 0:
-        raise KeyError(
-            f"PandaArm: the model has no {kind} named {name!r}. Build it with add_panda()/build_panda_model() "
-            "and pass the same prefix to PandaArm."
-        )
-    return index
 
 
 def _as_slice(indices: np.ndarray) -> slice | np.ndarray:
@@ -354,52 +346,61 @@ def _as_slice(indices: np.ndarray) -> slice | np.ndarray:
     return indices
 
 
-class PandaArm:
-    """Named access, inverse kinematics and delta end-effector control for an arm built by :func:`add_panda`.
+class SerialArm:
+    """Named access, forward/inverse kinematics and delta end-effector mapping for any serial arm in a model.
 
-    Reads and writes only the arm's own entries of ``data`` (other bodies in a scene are untouched).
-    Inverse kinematics runs on a private scratch :class:`mujoco.MjData`, never on ``data``.
+    The arm is given by data: the names of its n hinge joints (base to tool) and of its tool site. This is the one
+    implementation of the damped-least-squares IK and of LIBERO's ``OSC_POSE`` action mapping; :class:`PandaArm`
+    adds the Panda's actuators and fingers, and ``real_robot.arms`` drives other arms (a UR5e) with it.
+
+    Reads only the arm's own entries of ``data``; IK runs on a private scratch :class:`mujoco.MjData`.
 
     Args:
         model: a compiled model containing the arm.
-        data: the simulation's data for ``model``.
-        prefix: the prefix the arm was added with.
+        data: the data for ``model``.
+        joints: the arm's n joint names in the model (without ``prefix``), base to tool.
+        site: the tool-centre-point site's name (without ``prefix``).
+        home: (n,) rad, the rest posture: IK's null-space pull goes toward it, and :meth:`ee_axis_angle` picks
+            the quaternion sign on the side of the tool orientation there.
+        prefix: the prefix the arm's names carry in ``model``.
     """
 
-    def __init__(self, model: mujoco.MjModel, data: mujoco.MjData, prefix: str = "") -> None:
+    # Appended to a missing-name error: how to build a model this class can read.
+    build_hint = "Build the model with the arm's names and pass the prefix it was added with."
+
+    def __init__(
+        self,
+        model: mujoco.MjModel,
+        data: mujoco.MjData,
+        joints: Sequence[str],
+        site: str,
+        home: np.ndarray,
+        prefix: str = "",
+    ) -> None:
         self.model = model
         self.data = data
         self.prefix = prefix
-        joint_ids = np.array([_require_id(model, mujoco.mjtObj.mjOBJ_JOINT, prefix + n, "joint") for n in ARM_JOINTS])
-        finger_ids = np.array(
-            [_require_id(model, mujoco.mjtObj.mjOBJ_JOINT, prefix + n, "joint") for n in FINGER_JOINTS]
-        )
-        self.qpos_index = _as_slice(model.jnt_qposadr[joint_ids])
-        self.dof_index = _as_slice(model.jnt_dofadr[joint_ids])
-        self.finger_qpos_index = model.jnt_qposadr[finger_ids]
-        self.finger_dof_index = model.jnt_dofadr[finger_ids]
-        self.actuator_index = _as_slice(
-            np.array([_require_id(model, mujoco.mjtObj.mjOBJ_ACTUATOR, prefix + n, "actuator") for n in ARM_ACTUATORS])
-        )
-        self.gripper_actuator = _require_id(model, mujoco.mjtObj.mjOBJ_ACTUATOR, prefix + GRIPPER_ACTUATOR, "actuator")
-        self.site_id = _require_id(model, mujoco.mjtObj.mjOBJ_SITE, prefix + EE_SITE, "site")
-        self.q_min = model.jnt_range[joint_ids, 0].copy()
-        self.q_max = model.jnt_range[joint_ids, 1].copy()
-        if not (np.allclose(self.q_min, Q_MIN, atol=1e-6) and np.allclose(self.q_max, Q_MAX, atol=1e-6)):
+        self.joint_ids = np.array([self._require_id(mujoco.mjtObj.mjOBJ_JOINT, n, "joint") for n in joints])
+        self.n_joints = len(self.joint_ids)
+        home = np.asarray(home, dtype=np.float64)
+        if home.shape != (self.n_joints,):
             raise ValueError(
-                f"PandaArm: the model's joint limits {np.round(self.q_min, 4).tolist()} … "
-                f"{np.round(self.q_max, 4).tolist()} are not the Panda's {Q_MIN.tolist()} … {Q_MAX.tolist()} rad. "
-                "The scene was probably compiled in degrees: pass spec= to add_panda, or set "
-                "spec.compiler.degree = False."
+                f"{type(self).__name__}: home must have one entry per joint, shape ({self.n_joints},); "
+                f"got {home.shape}."
             )
-        self.finger_max = float(model.jnt_range[finger_ids[0], 1])
-        self.home = HOME_QPOS.copy()
+        self.qpos_index = _as_slice(model.jnt_qposadr[self.joint_ids])
+        self.dof_index = _as_slice(model.jnt_dofadr[self.joint_ids])
+        self.site_id = self._require_id(mujoco.mjtObj.mjOBJ_SITE, site, "site")
+        self.q_min = model.jnt_range[self.joint_ids, 0].copy()
+        self.q_max = model.jnt_range[self.joint_ids, 1].copy()
+        self.home = home.copy()
 
         # IK scratch space, allocated once.
+        n = self.n_joints
         self._scratch = mujoco.MjData(model)
         self._jacp = np.zeros((3, model.nv))
         self._jacr = np.zeros((3, model.nv))
-        self._jac = np.zeros((6, 7))
+        self._jac = np.zeros((6, n))
         self._err = np.zeros(6)
         self._quat = np.zeros(4)
         self._quat_inv = np.zeros(4)
@@ -407,18 +408,26 @@ class PandaArm:
         self._eye6 = np.eye(6)
         self._eye3 = np.eye(3)
         # The tool orientation at home; ee_axis_angle picks the quaternion sign on its side.
-        self._home_tool_quat = self.fk(HOME_QPOS)[1]
+        self._home_tool_quat = self.fk(self.home)[1]
+
+    def _require_id(self, obj: mujoco.mjtObj, name: str, kind: str) -> int:
+        index = mujoco.mj_name2id(self.model, obj, self.prefix + name)
+        if index < 0:
+            raise KeyError(
+                f"{type(self).__name__}: the model has no {kind} named {self.prefix + name!r}. {self.build_hint}"
+            )
+        return index
 
     # -- state ---------------------------------------------------------------------------------------
 
     @property
     def q(self) -> np.ndarray:
-        """(7,) joint positions, radians (a copy)."""
+        """(n,) joint positions, radians (a copy)."""
         return self.data.qpos[self.qpos_index].copy()
 
     @property
     def qvel(self) -> np.ndarray:
-        """(7,) joint velocities, rad/s (a copy)."""
+        """(n,) joint velocities, rad/s (a copy)."""
         return self.data.qvel[self.dof_index].copy()
 
     def ee_pose(self) -> tuple[np.ndarray, np.ndarray]:
@@ -448,63 +457,16 @@ class PandaArm:
             return np.zeros(3)
         return quat[1:] / sin_half * (2.0 * math.atan2(sin_half, quat[0]))
 
-    def gripper_width(self) -> float:
-        """Distance between the finger pads, metres (0 … 0.08)."""
-        return float(self.data.qpos[self.finger_qpos_index].sum())
-
-    # -- commands ------------------------------------------------------------------------------------
-
-    def set_joint_targets(
-        self, q: np.ndarray, gripper: float | None = None, *, gripper_width: float | None = None
-    ) -> None:
-        """Write joint position targets (clipped to the limits) and, optionally, a gripper target.
-
-        Args:
-            q: (7,) joint targets, radians.
-            gripper: opening fraction in [0, 1] (0 closed, 1 fully open); ``None`` keeps the current target.
-            gripper_width: alternatively the jaw opening in metres (0 … 0.08).
-        """
-        q = np.asarray(q, dtype=np.float64)
-        if q.shape != (7,):
-            raise ValueError(f"set_joint_targets: q must have shape (7,), got {q.shape}.")
-        self.data.ctrl[self.actuator_index] = np.clip(q, self.q_min, self.q_max)
-        if gripper is not None and gripper_width is not None:
-            raise ValueError("set_joint_targets: give gripper (fraction) or gripper_width (metres), not both.")
-        if gripper is not None:
-            self.data.ctrl[self.gripper_actuator] = float(np.clip(gripper, 0.0, 1.0)) * self.finger_max
-        elif gripper_width is not None:
-            self.data.ctrl[self.gripper_actuator] = float(np.clip(gripper_width / 2.0, 0.0, self.finger_max))
-
-    def reset(self, qpos: np.ndarray | None = None, gripper: float = 1.0) -> None:
-        """Put the arm at ``qpos`` (default :data:`HOME_QPOS`) at rest, targets there, and run ``mj_forward``.
-
-        Args:
-            qpos: (7,) joint positions, radians; must be within the limits.
-            gripper: opening fraction in [0, 1] to start with (fingers placed there and commanded there).
-        """
-        q = self.home if qpos is None else np.asarray(qpos, dtype=np.float64)
-        if q.shape != (7,):
-            raise ValueError(f"reset: qpos must have shape (7,), got {q.shape}.")
-        if np.any(q < self.q_min - 1e-9) or np.any(q > self.q_max + 1e-9):
-            raise ValueError(f"reset: qpos {np.round(q, 4).tolist()} is outside the joint limits.")
-        opening = float(np.clip(gripper, 0.0, 1.0)) * self.finger_max
-        self.data.qpos[self.qpos_index] = q
-        self.data.qvel[self.dof_index] = 0.0
-        self.data.qpos[self.finger_qpos_index] = opening
-        self.data.qvel[self.finger_dof_index] = 0.0
-        self.set_joint_targets(q, gripper)
-        mujoco.mj_forward(self.model, self.data)
-
     # -- kinematics ----------------------------------------------------------------------------------
 
     def fk(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Tool pose ``(pos (3,), quat (4,) wxyz)`` at joint positions ``q`` (7,), computed on scratch data."""
+        """Tool pose ``(pos (3,), quat (4,) wxyz)`` at joint positions ``q`` (n,), computed on scratch data."""
         self._kinematics(np.asarray(q, dtype=np.float64), jacobian=False)
         mujoco.mju_mat2Quat(self._quat, self._scratch.site_xmat[self.site_id])
         return self._scratch.site_xpos[self.site_id].copy(), self._quat.copy()
 
     def _kinematics(self, q: np.ndarray | None, jacobian: bool = True) -> np.ndarray:
-        """Scratch kinematics at ``q`` (the simulation's current state if None); returns q (7,)."""
+        """Scratch kinematics at ``q`` (the simulation's current state if None); returns q (n,)."""
         scratch = self._scratch
         scratch.qpos[:] = self.data.qpos  # the whole scene: the arm's base may ride on another body
         if q is not None:
@@ -539,7 +501,7 @@ class PandaArm:
         nullspace_gain: float,
         max_joint_step: float,
     ) -> np.ndarray:
-        """One damped-least-squares step from ``q`` (7,) for task error ``err`` (6,), with ``self._jac`` at q.
+        """One damped-least-squares step from ``q`` (n,) for task error ``err`` (6,), with ``self._jac`` at q.
 
         dq = Jᵀ(JJᵀ + λ²I)⁻¹ e + (I - J⁺J)·k(q_home - q), scaled so no joint moves more than
         ``max_joint_step``, and the result clipped to the joint limits.
@@ -574,12 +536,12 @@ class PandaArm:
         max_pos_error: float = 0.1,
         max_rot_error: float = 0.5,
     ) -> np.ndarray:
-        """One damped-least-squares IK step toward a tool pose; returns joint targets (7,) within the limits.
+        """One damped-least-squares IK step toward a tool pose; returns joint targets (n,) within the limits.
 
         Args:
             target_pos: (3,) world-frame tool-centre-point position, metres.
             target_quat: (4,) wxyz world-frame orientation; ``None`` solves for position only.
-            q: (7,) joint positions to step from; ``None`` uses the simulation's current state.
+            q: (n,) joint positions to step from; ``None`` uses the simulation's current state.
             damping: λ of (JJᵀ + λ²I); larger is steadier near singularities but slower to converge.
             nullspace_gain: fraction of (home - q) pulled in the Jacobian's null space each step (keeps
                 the redundant elbow near the home posture).
@@ -674,7 +636,7 @@ class PandaArm:
                 gripper: -1 open, +1 close.
 
         Returns:
-            ``(q_target (7,), gripper)``: joint targets within the limits and the gripper opening fraction
+            ``(q_target (n,), gripper)``: joint targets within the limits and the gripper opening fraction
             in [0, 1] (1 open), ready for :meth:`set_joint_targets`.
         """
         action = np.asarray(action, dtype=np.float64)
@@ -690,6 +652,91 @@ class PandaArm:
         q_target = self._dls_step(q, err, False, damping, nullspace_gain, max_joint_step)
         return q_target, 0.5 * (1.0 - float(action[6]))
 
+
+class PandaArm(SerialArm):
+    """Named access, inverse kinematics and delta end-effector control for an arm built by :func:`add_panda`.
+
+    The kinematics, IK and delta end-effector mapping are :class:`SerialArm`'s (joints :data:`ARM_JOINTS`, site
+    :data:`EE_SITE`, home :data:`HOME_QPOS`); this class adds the Panda's actuators and fingers.
+
+    Reads and writes only the arm's own entries of ``data`` (other bodies in a scene are untouched).
+    Inverse kinematics runs on a private scratch :class:`mujoco.MjData`, never on ``data``.
+
+    Args:
+        model: a compiled model containing the arm.
+        data: the simulation's data for ``model``.
+        prefix: the prefix the arm was added with.
+    """
+
+    build_hint = "Build it with add_panda()/build_panda_model() and pass the same prefix to PandaArm."
+
+    def __init__(self, model: mujoco.MjModel, data: mujoco.MjData, prefix: str = "") -> None:
+        super().__init__(model, data, ARM_JOINTS, EE_SITE, HOME_QPOS, prefix)
+        finger_ids = np.array([self._require_id(mujoco.mjtObj.mjOBJ_JOINT, n, "joint") for n in FINGER_JOINTS])
+        self.finger_qpos_index = model.jnt_qposadr[finger_ids]
+        self.finger_dof_index = model.jnt_dofadr[finger_ids]
+        self.actuator_index = _as_slice(
+            np.array([self._require_id(mujoco.mjtObj.mjOBJ_ACTUATOR, n, "actuator") for n in ARM_ACTUATORS])
+        )
+        self.gripper_actuator = self._require_id(mujoco.mjtObj.mjOBJ_ACTUATOR, GRIPPER_ACTUATOR, "actuator")
+        if not (np.allclose(self.q_min, Q_MIN, atol=1e-6) and np.allclose(self.q_max, Q_MAX, atol=1e-6)):
+            raise ValueError(
+                f"PandaArm: the model's joint limits {np.round(self.q_min, 4).tolist()} … "
+                f"{np.round(self.q_max, 4).tolist()} are not the Panda's {Q_MIN.tolist()} … {Q_MAX.tolist()} rad. "
+                "The scene was probably compiled in degrees: pass spec= to add_panda, or set "
+                "spec.compiler.degree = False."
+            )
+        self.finger_max = float(model.jnt_range[finger_ids[0], 1])
+
+    # -- state ---------------------------------------------------------------------------------------
+
+    def gripper_width(self) -> float:
+        """Distance between the finger pads, metres (0 … 0.08)."""
+        return float(self.data.qpos[self.finger_qpos_index].sum())
+
+    # -- commands ------------------------------------------------------------------------------------
+
+    def set_joint_targets(
+        self, q: np.ndarray, gripper: float | None = None, *, gripper_width: float | None = None
+    ) -> None:
+        """Write joint position targets (clipped to the limits) and, optionally, a gripper target.
+
+        Args:
+            q: (7,) joint targets, radians.
+            gripper: opening fraction in [0, 1] (0 closed, 1 fully open); ``None`` keeps the current target.
+            gripper_width: alternatively the jaw opening in metres (0 … 0.08).
+        """
+        q = np.asarray(q, dtype=np.float64)
+        if q.shape != (7,):
+            raise ValueError(f"set_joint_targets: q must have shape (7,), got {q.shape}.")
+        self.data.ctrl[self.actuator_index] = np.clip(q, self.q_min, self.q_max)
+        if gripper is not None and gripper_width is not None:
+            raise ValueError("set_joint_targets: give gripper (fraction) or gripper_width (metres), not both.")
+        if gripper is not None:
+            self.data.ctrl[self.gripper_actuator] = float(np.clip(gripper, 0.0, 1.0)) * self.finger_max
+        elif gripper_width is not None:
+            self.data.ctrl[self.gripper_actuator] = float(np.clip(gripper_width / 2.0, 0.0, self.finger_max))
+
+    def reset(self, qpos: np.ndarray | None = None, gripper: float = 1.0) -> None:
+        """Put the arm at ``qpos`` (default :data:`HOME_QPOS`) at rest, targets there, and run ``mj_forward``.
+
+        Args:
+            qpos: (7,) joint positions, radians; must be within the limits.
+            gripper: opening fraction in [0, 1] to start with (fingers placed there and commanded there).
+        """
+        q = self.home if qpos is None else np.asarray(qpos, dtype=np.float64)
+        if q.shape != (7,):
+            raise ValueError(f"reset: qpos must have shape (7,), got {q.shape}.")
+        if np.any(q < self.q_min - 1e-9) or np.any(q > self.q_max + 1e-9):
+            raise ValueError(f"reset: qpos {np.round(q, 4).tolist()} is outside the joint limits.")
+        opening = float(np.clip(gripper, 0.0, 1.0)) * self.finger_max
+        self.data.qpos[self.qpos_index] = q
+        self.data.qvel[self.dof_index] = 0.0
+        self.data.qpos[self.finger_qpos_index] = opening
+        self.data.qvel[self.finger_dof_index] = 0.0
+        self.set_joint_targets(q, gripper)
+        mujoco.mj_forward(self.model, self.data)
+
     def apply_delta_ee(self, action: np.ndarray, **kwargs: float) -> None:
         """:meth:`delta_ee_to_joint_targets` followed by :meth:`set_joint_targets` (one control step's command)."""
         q_target, gripper = self.delta_ee_to_joint_targets(action, **kwargs)
@@ -697,7 +744,7 @@ class PandaArm:
 
 
 def _dls(jac: np.ndarray, err: np.ndarray, pull: np.ndarray, damping: float, eye: np.ndarray) -> np.ndarray:
-    """(7,) dq = J⁺e + (I - J⁺J)·pull with the damped pseudo-inverse J⁺ = Jᵀ(JJᵀ + λ²I)⁻¹; J is (m, 7)."""
+    """(n,) dq = J⁺e + (I - J⁺J)·pull with the damped pseudo-inverse J⁺ = Jᵀ(JJᵀ + λ²I)⁻¹; J is (m, n)."""
     gram = jac @ jac.T + (damping * damping) * eye
     # One solve for both the task step and the null-space projection: columns e and J·pull.
     sol = np.linalg.solve(gram, np.stack([err, jac @ pull], axis=1))  # (m, 2)

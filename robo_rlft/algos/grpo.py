@@ -79,6 +79,36 @@ class GroupRollout:
     time_sim: float
     time_inference: float
 
+    @staticmethod
+    def concat(parts: Sequence[GroupRollout]) -> GroupRollout:
+        """Rollouts of disjoint env slices → one, envs in the order of ``parts``; shorter ones are padded to the
+        longest ``T`` with invalid steps."""
+        if len(parts) == 1:
+            return parts[0]
+        steps = max(part.chains.shape[0] for part in parts)
+
+        def pad(tensor: torch.Tensor) -> torch.Tensor:  # (T', N, ...) -> (steps, N, ...), zeros after T'
+            extra = steps - tensor.shape[0]
+            return torch.cat([tensor, tensor.new_zeros(extra, *tensor.shape[1:])]) if extra else tensor
+
+        envs = [len(part.returns) for part in parts]
+        has_success = [part.success is not None for part in parts]
+        if any(has_success) and not all(has_success):
+            raise ValueError("GroupRollout.concat: some slices report success and others do not.")
+        return GroupRollout(
+            obs=ObservationBuffer.concat_envs([part.obs.padded(steps) for part in parts]),
+            chains=torch.cat([pad(part.chains) for part in parts], dim=1),
+            stochastic=torch.cat([pad(part.stochastic) for part in parts], dim=1),
+            log_probs=torch.cat([pad(part.log_probs) for part in parts], dim=1),
+            valid=torch.cat([pad(part.valid) for part in parts], dim=1),
+            returns=np.concatenate([part.returns for part in parts]),
+            lengths=np.concatenate([part.lengths for part in parts]),
+            success=np.concatenate([part.success for part in parts]) if all(has_success) else None,
+            noise_std_mean=float(np.average([part.noise_std_mean for part in parts], weights=envs)),
+            time_sim=sum(part.time_sim for part in parts),
+            time_inference=sum(part.time_inference for part in parts),
+        )
+
 
 def group_seeds(seed: int, iteration: int, num_groups: int) -> list[int]:
     """Reset seed of each group at ``iteration``: a pure function of the run's seed, so resuming needs no
@@ -278,8 +308,10 @@ def train_grpo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: boo
     if cfg.env.act_steps > policy.horizon:
         raise ValueError(f"env.act_steps={cfg.env.act_steps} exceeds the policy's horizon {policy.horizon}.")
     adapter = ObservationAdapter.for_policy(policy)
-    envs = adapter.training_envs(cfg.env, policy.horizon)
     policy.to(device).train()
+    from robo_rlft.scale import make_rollout_workers  # (robo_rlft.scale runs this module's rollout)
+
+    workers = make_rollout_workers(cfg, policy)
     optimizer = torch.optim.Adam(policy.parameters(), lr=algo.actor_lr)  # no critic: the group is the baseline
     if optim_state is not None:
         optimizer.load_state_dict(optim_state["actor_optimizer"])
@@ -296,8 +328,9 @@ def train_grpo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: boo
     try:
         for iteration in range(start_iteration, algo.iterations):
             # ---- rollout: G episodes from each group's seeded initial state ----
-            policy.eval()
-            rollout = collect_group_rollouts(policy, envs, algo, group_seeds(cfg.seed, iteration, num_groups), device)
+            tic = time.perf_counter()
+            rollout = workers.collect_grpo(policy, iteration)
+            time_rollout = time.perf_counter() - tic
             # Only the steps of the rollouts' episodes count; auto-reset steps of finished envs are discarded.
             env_steps += int(rollout.lengths.sum())
 
@@ -373,6 +406,7 @@ def train_grpo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: boo
                 "train/epochs": epochs_run,
                 "time/sim": rollout.time_sim,
                 "time/inference": rollout.time_inference,
+                "time/rollout": time_rollout,
                 "time/update": time_update,
             }
             if rollout.success is not None:
@@ -400,7 +434,7 @@ def train_grpo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: boo
             )
     finally:
         bar.close()
-        envs.close()
+        workers.close()
         metrics.close()
     save_policy(policy, run_dir / "final", {**tracker.metadata, "iteration": algo.iterations})
     metrics.plot(run_dir / "learning_curve.png")

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
@@ -27,7 +29,7 @@ from robo_rlft.checkpointing import latest_checkpoint, load_training_checkpoint,
 from robo_rlft.config import Config
 from robo_rlft.evaluation import BestPolicyTracker, eval_metrics, policy_metadata
 from robo_rlft.metrics import MetricLogger
-from robo_rlft.observations import ObservationAdapter, stack_observations
+from robo_rlft.observations import ObservationAdapter, ObservationBuffer, stack_observations
 from robo_rlft.progress import progress_bar
 from robo_rlft.returns import RunningRewardScaler, compute_gae
 
@@ -172,6 +174,175 @@ def transition_clip_schedule(
     return clips
 
 
+@dataclass
+class ChunkRollout:
+    """``T`` chunk steps of ``N`` envs, as PPO's update needs them (everything ``(T, N, ...)``, CPU).
+
+    Attributes:
+        obs: the policy inputs the chunks were sampled at (:class:`robo_rlft.observations.ObservationBuffer`).
+        critic_inputs: ``(T, N, D)`` the critic's inputs at those observations.
+        chains: ``(T, N, K+1, H, A)`` the sampled denoising chains; ``stochastic`` ``(T, N, K)`` which steps were.
+        log_probs: ``(T, N, K)`` per-transition log-probs at sampling time (reduced over the chunk's elements).
+        rewards: ``(T, N)`` raw rewards (scaling is the learner's: its running statistics span all envs).
+        values: ``(T, N)`` ``V(o_t)``.
+        next_values: ``(T, N)`` the bootstrap target after step t: ``V(o_{t+1})``, ``V(final_obs)`` when the episode
+            was truncated, 0 when it terminated; the rollout's end counts as a truncation.
+        ends: ``(T, N)`` 1.0 where an episode ended at step t.
+        env_steps: env steps executed (chunks × executed actions).
+        finished_returns, finished_success: per episode that ended (success only where the env reports it).
+        noise_std_mean: mean transition std over the stochastic elements, averaged over steps.
+        time_sim, time_inference: seconds in ``envs.step`` and in the policy + critic.
+    """
+
+    obs: ObservationBuffer
+    critic_inputs: torch.Tensor
+    chains: torch.Tensor
+    stochastic: torch.Tensor
+    log_probs: torch.Tensor
+    rewards: torch.Tensor
+    values: torch.Tensor
+    next_values: torch.Tensor
+    ends: torch.Tensor
+    env_steps: int
+    finished_returns: list[float]
+    finished_success: list[float]
+    noise_std_mean: float
+    time_sim: float
+    time_inference: float
+
+    @staticmethod
+    def concat(parts: Sequence[ChunkRollout]) -> ChunkRollout:
+        """Rollouts of disjoint env slices (same ``T``) → one, envs in the order of ``parts``."""
+        if len(parts) == 1:
+            return parts[0]
+        envs = [part.rewards.shape[1] for part in parts]
+
+        def cat(name: str) -> torch.Tensor:
+            return torch.cat([getattr(part, name) for part in parts], dim=1)
+
+        return ChunkRollout(
+            obs=ObservationBuffer.concat_envs([part.obs for part in parts]),
+            **{name: cat(name) for name in ROLLOUT_TENSORS},
+            env_steps=sum(part.env_steps for part in parts),
+            finished_returns=[r for part in parts for r in part.finished_returns],
+            finished_success=[s for part in parts for s in part.finished_success],
+            noise_std_mean=float(np.average([part.noise_std_mean for part in parts], weights=envs)),
+            time_sim=sum(part.time_sim for part in parts),
+            time_inference=sum(part.time_inference for part in parts),
+        )
+
+
+def rollout_reset_seed(seed: int, iteration: int, num_envs: int) -> int:
+    """Reset seed of env 0 at ``iteration`` (env i gets this + i): a pure function of the run's seed, so resuming
+    needs no simulator state and every env slice of a distributed run gets the seeds of the single-process run."""
+    return seed * 1_000_003 + iteration * num_envs
+
+
+ROLLOUT_TENSORS = ("critic_inputs", "chains", "stochastic", "log_probs", "rewards", "values", "next_values", "ends")
+
+
+def collect_chunk_rollout(
+    policy: nn.Module,
+    critic: nn.Module,
+    adapter: ObservationAdapter,
+    envs: gym.vector.VectorEnv,
+    num_steps: int,
+    reset_seed: int,
+    log_prob_reduction: str,
+    device: torch.device | str = "cpu",
+) -> ChunkRollout:
+    """Run ``num_steps`` chunk steps in every env from ``envs.reset(seed=reset_seed)`` (env i: ``reset_seed + i``).
+
+    Sampling draws from the global torch RNG. ``envs`` must be made with the policy's observation options
+    (``adapter.training_envs``).
+    """
+    num_envs = envs.num_envs
+    horizon, num_denoise, action_dim = policy.horizon, policy.num_steps, policy.action_dim
+
+    def values_of(obs: torch.Tensor | VLAObservation) -> torch.Tensor:
+        """``V(o)`` of N policy inputs: ``(N,)`` on the CPU."""
+        with torch.no_grad():
+            return critic(adapter.critic_features(policy, obs)).cpu()
+
+    obs_buf = adapter.new_buffer(num_steps, num_envs, envs.single_observation_space)
+    # The critic's inputs at rollout: the update regresses V on them, so a VLA's prefix runs once per observation.
+    critic_input_buf = torch.zeros(num_steps, num_envs, adapter.critic_dim(policy))
+    chain_buf = torch.zeros(num_steps, num_envs, num_denoise + 1, horizon, action_dim)
+    stochastic_buf = torch.zeros(num_steps, num_envs, num_denoise, dtype=torch.bool)
+    log_prob_buf = torch.zeros(num_steps, num_envs, num_denoise)
+    reward_buf = torch.zeros(num_steps, num_envs)
+    value_buf = torch.zeros(num_steps, num_envs)
+    next_value_buf = torch.zeros(num_steps, num_envs)
+    end_buf = torch.zeros(num_steps, num_envs)
+    env_steps = 0
+    time_sim = time_inference = std_sum = 0.0
+    finished_returns: list[float] = []
+    finished_success: list[float] = []
+    episode_return = np.zeros(num_envs)
+
+    # Every iteration starts from fresh, seeded episodes, so resuming needs no simulator state.
+    obs_np, _ = envs.reset(seed=reset_seed)
+    for t in range(num_steps):
+        tic = time.perf_counter()
+        # Instructions are read every step: an env's task may change when it resets.
+        instructions = adapter.instructions(envs)
+        obs = adapter(obs_np, instructions, device)
+        with torch.no_grad():
+            sample, critic_inputs = adapter.sample_with_critic_features(policy, obs)  # one VLM forward
+            value = critic(critic_inputs).cpu()
+        std_sum += (sample.std.sum() / (sample.stochastic.sum() * horizon * action_dim)).item()
+        time_inference += time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        obs_np, reward, terminated, truncated, info = envs.step(sample.actions.cpu().numpy())
+        time_sim += time.perf_counter() - tic
+        ended = terminated | truncated
+        env_steps += int(step_info_value(info, "executed_steps", ended).sum())
+        episode_return += reward
+        if "is_success" in info or "is_success" in info.get("final_info", {}):
+            success = step_info_value(info, "is_success", ended).astype(float)
+            finished_success += success[ended].tolist()
+        finished_returns += episode_return[ended].tolist()
+        episode_return[ended] = 0.0
+
+        obs_buf.store(t, obs)
+        critic_input_buf[t] = critic_inputs.cpu()
+        chain_buf[t] = sample.chain.cpu()
+        stochastic_buf[t] = sample.stochastic.cpu()
+        log_prob_buf[t] = step_log_prob(sample.log_prob, log_prob_reduction).cpu()
+        value_buf[t] = value
+        reward_buf[t] = torch.as_tensor(reward, dtype=torch.float32)
+        end_buf[t] = torch.as_tensor(ended, dtype=torch.float32)
+        # Bootstrap target after step t: V(final_obs) if truncated (time limit, not a terminal
+        # state), 0 if terminated, else V(o_{t+1}) (filled in from value_buf below).
+        truncated_only = np.flatnonzero(truncated & ~terminated)
+        if truncated_only.size:
+            # The episode's instruction is the one it was stepped with (the env may have reset to another).
+            final_obs = stack_observations(info["final_obs"][truncated_only])
+            final_instructions = None if instructions is None else [instructions[i] for i in truncated_only]
+            next_value_buf[t, truncated_only] = values_of(adapter(final_obs, final_instructions, device))
+    # The rollout's end is a truncation too: bootstrap from the value of the last observation.
+    last_obs = adapter(obs_np, adapter.instructions(envs), device)
+    following_values = torch.cat([value_buf[1:], values_of(last_obs)[None]], 0)
+    return ChunkRollout(
+        obs=obs_buf,
+        critic_inputs=critic_input_buf,
+        chains=chain_buf,
+        stochastic=stochastic_buf,
+        log_probs=log_prob_buf,
+        rewards=reward_buf,
+        values=value_buf,
+        next_values=torch.where(end_buf.bool(), next_value_buf, following_values),
+        ends=end_buf,
+        env_steps=env_steps,
+        finished_returns=finished_returns,
+        finished_success=finished_success,
+        noise_std_mean=std_sum / num_steps,
+        time_sim=time_sim,
+        time_inference=time_inference,
+    )
+
+
 def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool = False) -> dict[str, Any]:
     """Fine-tune ``policy`` with PPO; writes metrics, checkpoints, ``best/`` and ``final/`` to ``run_dir``.
 
@@ -179,8 +350,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
     checkpoint. Returns the last evaluation result.
     """
     algo, device = cfg.algo, torch.device(cfg.device)
-    num_envs, num_steps = cfg.env.num_envs, algo.steps_per_iteration
-    reward_scaler = RunningRewardScaler(num_envs, algo.gamma)
+    reward_scaler = RunningRewardScaler(cfg.env.num_envs, algo.gamma)
     start_iteration, env_steps, best_return = 0, 0, -math.inf
     optim_state: dict[str, Any] | None = None
     if resume:
@@ -197,7 +367,6 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
         critic.load_state_dict(loaded["critic_state"])
     if cfg.env.act_steps > policy.horizon:
         raise ValueError(f"env.act_steps={cfg.env.act_steps} exceeds the policy's horizon {policy.horizon}.")
-    envs = adapter.training_envs(cfg.env, policy.horizon)
     base_policy = None
     if algo.bc_coef > 0:
         # The frozen pretrained policy lives in the run directory, so a resumed run regularises
@@ -211,6 +380,10 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
         base_policy = load_policy(run_dir / BASE_POLICY_DIR)[0].to(device).eval().requires_grad_(False)
     policy.to(device).train()
     critic.to(device).train()
+    # Rollout workers: in this process, or Ray actors with copies of the policy and critic.
+    from robo_rlft.scale import make_rollout_workers  # (robo_rlft.scale runs this module's rollout)
+
+    workers = make_rollout_workers(cfg, policy, critic)
     # A VLA's frozen backbone has requires_grad=False: it never gets a gradient, so Adam leaves it alone.
     actor_optimizer = torch.optim.Adam(policy.parameters(), lr=algo.actor_lr)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=algo.critic_lr)
@@ -228,24 +401,6 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
     metrics = MetricLogger(run_dir, resume=resume, resume_iteration=start_iteration if resume else None)
     last_eval: dict[str, Any] = {}
 
-    def values_of(obs: torch.Tensor | VLAObservation) -> torch.Tensor:
-        """``V(o)`` of N policy inputs: ``(N,)`` on the CPU."""
-        with torch.no_grad():
-            return critic(adapter.critic_features(policy, obs)).cpu()
-
-    # ---- rollout storage: (T, N, ...) ----
-    horizon, num_denoise, action_dim = policy.horizon, policy.num_steps, policy.action_dim
-    obs_buf = adapter.new_buffer(num_steps, num_envs, envs.single_observation_space)
-    # The critic's inputs at rollout: the update regresses V on them, so a VLA's prefix runs once per observation.
-    critic_input_buf = torch.zeros(num_steps, num_envs, adapter.critic_dim(policy))
-    chain_buf = torch.zeros(num_steps, num_envs, num_denoise + 1, horizon, action_dim)
-    stochastic_buf = torch.zeros(num_steps, num_envs, num_denoise, dtype=torch.bool)
-    log_prob_buf = torch.zeros(num_steps, num_envs, num_denoise)
-    reward_buf = torch.zeros(num_steps, num_envs)
-    value_buf = torch.zeros(num_steps, num_envs)
-    next_value_buf = torch.zeros(num_steps, num_envs)
-    end_buf = torch.zeros(num_steps, num_envs)
-
     tracker = BestPolicyTracker.for_finetune(cfg, run_dir, device, best_return, cameras=adapter.uses_images)
     if start_iteration == 0:
         last_eval = tracker.log_start(policy, metrics)
@@ -255,70 +410,31 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
     bar = progress_bar(algo.iterations, "finetune", enabled=cfg.progress, completed=start_iteration)
     try:
         for iteration in range(start_iteration, algo.iterations):
-            time_sim = time_inference = 0.0
-            # Every iteration starts from fresh, seeded episodes, so resuming needs no simulator state.
-            obs_np, _ = envs.reset(seed=cfg.seed * 1_000_003 + iteration * num_envs)
-            reward_scaler.reset()
-            episode_return = np.zeros(num_envs)
-            finished_returns: list[float] = []
-            finished_success: list[float] = []
-            std_sum = 0.0
-            policy.eval()
-            for t in range(num_steps):
-                tic = time.perf_counter()
-                # Instructions are read every step: an env's task may change when it resets.
-                instructions = adapter.instructions(envs)
-                obs = adapter(obs_np, instructions, device)
-                with torch.no_grad():
-                    sample, critic_inputs = adapter.sample_with_critic_features(policy, obs)  # one VLM forward
-                    value = critic(critic_inputs).cpu()
-                std_sum += (sample.std.sum() / (sample.stochastic.sum() * horizon * action_dim)).item()
-                time_inference += time.perf_counter() - tic
-
-                tic = time.perf_counter()
-                obs_np, reward, terminated, truncated, info = envs.step(sample.actions.cpu().numpy())
-                time_sim += time.perf_counter() - tic
-                ended = terminated | truncated
-                env_steps += int(step_info_value(info, "executed_steps", ended).sum())
-                episode_return += reward
-                if "is_success" in info or "is_success" in info.get("final_info", {}):
-                    success = step_info_value(info, "is_success", ended).astype(float)
-                    finished_success += success[ended].tolist()
-                finished_returns += episode_return[ended].tolist()
-                episode_return[ended] = 0.0
-
-                obs_buf.store(t, obs)
-                critic_input_buf[t] = critic_inputs.cpu()
-                chain_buf[t] = sample.chain.cpu()
-                stochastic_buf[t] = sample.stochastic.cpu()
-                log_prob_buf[t] = step_log_prob(sample.log_prob, algo.log_prob_reduction).cpu()
-                value_buf[t] = value
-                scaled = reward_scaler(reward, ended) if algo.reward_scaling else reward
-                reward_buf[t] = torch.as_tensor(scaled, dtype=torch.float32)
-                end_buf[t] = torch.as_tensor(ended, dtype=torch.float32)
-                # Bootstrap target after step t: V(final_obs) if truncated (time limit, not a terminal
-                # state), 0 if terminated, else V(o_{t+1}) (filled in from value_buf below).
-                next_value_buf[t] = 0.0
-                truncated_only = np.flatnonzero(truncated & ~terminated)
-                if truncated_only.size:
-                    # The episode's instruction is the one it was stepped with (the env may have reset to another).
-                    final_obs = stack_observations(info["final_obs"][truncated_only])
-                    final_instructions = None if instructions is None else [instructions[i] for i in truncated_only]
-                    next_value_buf[t, truncated_only] = values_of(adapter(final_obs, final_instructions, device))
-            # The rollout's end is a truncation too: bootstrap from the value of the last observation.
-            last_obs = adapter(obs_np, adapter.instructions(envs), device)
-            following_values = torch.cat([value_buf[1:], values_of(last_obs)[None]], 0)
-            next_values = torch.where(end_buf.bool(), next_value_buf, following_values)
-            advantages, returns = compute_gae(reward_buf, value_buf, next_values, end_buf, algo.gamma, algo.gae_lambda)
+            tic = time.perf_counter()
+            rollout = workers.collect_ppo(policy, critic, iteration)
+            time_rollout = time.perf_counter() - tic
+            env_steps += rollout.env_steps
+            rewards = rollout.rewards
+            if algo.reward_scaling:  # in step order, as if scaled while stepping
+                reward_scaler.reset()
+                rewards = torch.stack(
+                    [
+                        torch.as_tensor(reward_scaler(r.numpy(), e.bool().numpy()), dtype=torch.float32)
+                        for r, e in zip(rollout.rewards, rollout.ends, strict=True)
+                    ]
+                )
+            advantages, returns = compute_gae(
+                rewards, rollout.values, rollout.next_values, rollout.ends, algo.gamma, algo.gae_lambda
+            )
 
             # ---- update: epochs x minibatches of PPO samples (chains or transitions) of the batch ----
             tic = time.perf_counter()
             policy.train()
-            b_obs = obs_buf.flat().to(device)  # (B, obs_dim), or a VLAObservation of B rows
-            b_critic_inputs = critic_input_buf.reshape(-1, critic_input_buf.shape[-1]).to(device)  # (B, D)
-            b_chains = chain_buf.reshape(-1, num_denoise + 1, horizon, action_dim).to(device)
-            b_stochastic = stochastic_buf.reshape(-1, num_denoise).to(device)
-            b_log_probs = log_prob_buf.reshape(-1, num_denoise).to(device)
+            b_obs = rollout.obs.flat().to(device)  # (B, obs_dim), or a VLAObservation of B rows
+            b_critic_inputs = rollout.critic_inputs.flatten(0, 1).to(device)  # (B, D)
+            b_chains = rollout.chains.flatten(0, 1).to(device)  # (B, K+1, H, A)
+            b_stochastic = rollout.stochastic.flatten(0, 1).to(device)  # (B, K)
+            b_log_probs = rollout.log_probs.flatten(0, 1).to(device)  # (B, K)
             b_advantages = advantages.reshape(-1).to(device)
             b_returns = returns.reshape(-1).to(device)
             sample_rows, sample_masks = ppo_samples(b_stochastic, algo.ratio_unit)  # (S,), (S, K)
@@ -387,9 +503,9 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
             row: dict[str, float] = {
                 "iteration": iteration + 1,
                 "env_steps": env_steps,
-                "rollout/return_mean": float(np.mean(finished_returns)) if finished_returns else math.nan,
-                "rollout/episodes": len(finished_returns),
-                "rollout/noise_std_mean": std_sum / num_steps,
+                "rollout/return_mean": float(np.mean(rollout.finished_returns or [math.nan])),
+                "rollout/episodes": len(rollout.finished_returns),
+                "rollout/noise_std_mean": rollout.noise_std_mean,
                 "train/approx_kl": float(np.mean(kls)) if kls else math.nan,
                 "train/clip_fraction": float(np.mean(clip_fracs)) if clip_fracs else math.nan,
                 "train/ratio_first_minibatch": ratio_first,
@@ -400,12 +516,13 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
                 "train/skipped_updates": skipped,
                 "train/epochs": epochs_run,
                 "train/actor_lr": actor_scheduler.get_last_lr()[0],
-                "time/sim": time_sim,
-                "time/inference": time_inference,
+                "time/sim": rollout.time_sim,
+                "time/inference": rollout.time_inference,
+                "time/rollout": time_rollout,
                 "time/update": time_update,
             }
-            if finished_success:
-                row["rollout/success_rate"] = float(np.mean(finished_success))
+            if rollout.finished_success:
+                row["rollout/success_rate"] = float(np.mean(rollout.finished_success))
 
             done = iteration + 1 == algo.iterations
             if done or (algo.eval_every and (iteration + 1) % algo.eval_every == 0):
@@ -437,7 +554,7 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
             )
     finally:
         bar.close()
-        envs.close()
+        workers.close()
         metrics.close()
     save_policy(policy, run_dir / "final", {**tracker.metadata, "iteration": algo.iterations})
     metrics.plot(run_dir / "learning_curve.png")
