@@ -96,6 +96,8 @@ def save_policy(
         "policy_type": policy.policy_type,
         "obs_dim": policy.obs_dim,
         "action_dim": policy.action_dim,
+        # The env's action size, where the chain is wider (SmolVLA denoises actions padded to 32 dims).
+        "env_action_dim": getattr(policy, "env_action_dim", policy.action_dim),
         "config": dataclasses.asdict(policy.config),
         "metadata": metadata or {},
     }
@@ -153,10 +155,11 @@ def load_policy(
         raise ValueError(
             f"Checkpoint {str(path)!r} holds a {ptype!r} policy, but policy={expected_type!r} was asked for."
         )
+    env_dims = {"obs_dim": config["obs_dim"], "action_dim": config.get("env_action_dim", config["action_dim"])}
     for name, want in (("obs_dim", obs_dim), ("action_dim", action_dim)):
-        if want is not None and config[name] != want:
+        if want is not None and env_dims[name] != want:
             raise ValueError(
-                f"Checkpoint {str(path)!r} has {name}={config[name]} (env {config['metadata'].get('env')!r}), "
+                f"Checkpoint {str(path)!r} has {name}={env_dims[name]} (env {config['metadata'].get('env')!r}), "
                 f"but the environment needs {name}={want}."
             )
     model_cls, config_cls = policy_classes(ptype)

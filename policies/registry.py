@@ -5,6 +5,7 @@ from __future__ import annotations
 from policies.diffusion import DiffusionPolicy, DiffusionPolicyConfig
 from policies.flow import FlowPolicy, FlowPolicyConfig
 from policies.gaussian import GaussianPolicy, GaussianPolicyConfig
+from policies.smolvla import SmolVLAPolicy, SmolVLAPolicyConfig
 from policies.vla import VLAPolicy, VLAPolicyConfig
 
 POLICIES: dict[str, tuple[type, type]] = {
@@ -12,6 +13,7 @@ POLICIES: dict[str, tuple[type, type]] = {
     "diffusion": (DiffusionPolicy, DiffusionPolicyConfig),
     "gaussian": (GaussianPolicy, GaussianPolicyConfig),
     "vla": (VLAPolicy, VLAPolicyConfig),
+    "smolvla": (SmolVLAPolicy, SmolVLAPolicyConfig),
 }
 
 

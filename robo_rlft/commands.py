@@ -224,7 +224,12 @@ def finetune(cfg: Config, overrides: list[str]) -> None:
             )
         adapter = ObservationAdapter.for_policy(policy_classes(cfg.policy.name)[0], cfg.policy)
         obs_dim, action_dim = _env_dims(cfg.env.env_id, cfg.env.make_kwargs(), adapter)
-        policy, _ = load_policy(resolve_checkpoint(pretrained), cfg.policy.name, obs_dim, action_dim)
+        model_cls = policy_classes(cfg.policy.name)[0]
+        if hasattr(model_cls, "accepts_external_checkpoint") and model_cls.accepts_external_checkpoint(pretrained):
+            # Another framework's checkpoint (a LeRobot SmolVLA): the run's policy section locates its assets.
+            policy = model_cls.from_external_checkpoint(pretrained, obs_dim, action_dim, cfg.policy)
+        else:
+            policy, _ = load_policy(resolve_checkpoint(pretrained), cfg.policy.name, obs_dim, action_dim)
         # The exploration settings are a fine-tuning choice: the config's apply to the loaded policy.
         policy = policy.configure_finetuning(cfg.policy)
         cfg = _with_checkpoint_architecture(cfg, policy)

@@ -21,6 +21,7 @@ from policies.critic import CriticConfig
 from policies.diffusion import DiffusionPolicyConfig
 from policies.flow import FlowPolicyConfig
 from policies.gaussian import GaussianPolicyConfig
+from policies.smolvla import SmolVLAPolicyConfig
 from policies.vla import VLAPolicyConfig
 from real_robot.transport import Topics
 
@@ -205,6 +206,29 @@ class VLAPolicySection(VLAPolicyConfig, RunPolicyFields):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("policy.name", self.name, ["vla"])
+        _check_choice("policy.critic_input", self.critic_input, ["prefix", "expert"])
+
+
+@dataclass
+class SmolVLAPolicySection(SmolVLAPolicyConfig, RunPolicyFields):
+    """``policy=smolvla``: LeRobot's SmolVLA (``policies.smolvla.SmolVLAPolicyConfig``), started from a LeRobot
+    checkpoint (``policy.pretrained=PATH``: ``config.json`` + ``model.safetensors`` + processor files).
+
+    The architecture comes from the checkpoint; the run chooses ``vlm_path`` (where the checkpoint's SmolVLM folder
+    is on this machine), ``cameras`` (our env cameras, in the order of the checkpoint's image features), the noise
+    scheme and the critic.
+
+    Attributes:
+        critic_input: what PPO's critic sees besides the normalised state: ``prefix`` (the pooled VLM prefix) or
+            ``expert`` (the action expert's pooled features).
+    """
+
+    name: str = "smolvla"
+    critic_input: str = "prefix"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("policy.name", self.name, ["smolvla"])
         _check_choice("policy.critic_input", self.critic_input, ["prefix", "expert"])
 
 
@@ -619,12 +643,13 @@ class Config:
                 f"env.num_envs={self.env.num_envs} must be a multiple of algo.group_size={self.algo.group_size} "
                 "(each group of rollouts shares one initial state)."
             )
-        if self.policy.name == "vla":
+        if self.policy.name in ("vla", "smolvla"):  # image policies: the env must render their cameras
             missing = [camera for camera in self.policy.cameras if camera not in self.env.cameras]
             if missing:
                 raise ValueError(
-                    f"policy=vla takes images of policy.cameras={list(self.policy.cameras)}, but env.cameras="
-                    f"{list(self.env.cameras)} lacks {missing}: the env must render every camera of the policy; pass "
+                    f"policy={self.policy.name} takes images of policy.cameras={list(self.policy.cameras)}, but "
+                    f"env.cameras={list(self.env.cameras)} lacks {missing}: the env must render every camera of the "
+                    "policy; pass "
                     f"env.cameras=[{','.join(dict.fromkeys([*self.env.cameras, *self.policy.cameras]))}]."
                 )
         if self.env.act_steps > self.policy.horizon:
@@ -642,6 +667,7 @@ POLICY_SECTIONS: dict[str, type] = {
     "diffusion": DiffusionPolicySection,
     "gaussian": GaussianPolicySection,
     "vla": VLAPolicySection,
+    "smolvla": SmolVLAPolicySection,
 }
 
 
