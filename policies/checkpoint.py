@@ -96,11 +96,13 @@ def save_policy(
         "policy_type": policy.policy_type,
         "obs_dim": policy.obs_dim,
         "action_dim": policy.action_dim,
-        # The env's action size, where the chain is wider (SmolVLA denoises actions padded to 32 dims).
-        "env_action_dim": getattr(policy, "env_action_dim", policy.action_dim),
         "config": dataclasses.asdict(policy.config),
         "metadata": metadata or {},
     }
+    env_action_dim = getattr(policy, "env_action_dim", policy.action_dim)
+    if env_action_dim != policy.action_dim:
+        # The env's action size, where the chain is wider (SmolVLA denoises actions padded to 32 dims).
+        config["env_action_dim"] = env_action_dim
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     # Files a policy needs beside its weights (a VLA's VLM config, tokenizer and processor config).
     if hasattr(policy, "save_assets"):

@@ -196,8 +196,13 @@ def finetune(cfg: Config, overrides: list[str]) -> None:
     from robo_rlft.algos.grpo import train_grpo
     from robo_rlft.algos.ppo import train_ppo
     from robo_rlft.cli import config_from_saved
+    from robo_rlft.distributed import Distributed
 
     _seed_everything(cfg)
+    # Under torchrun: a data-parallel learner (robo_rlft.distributed); rank 0 alone writes the run directory.
+    distributed = Distributed.from_env(cfg.device)
+    if distributed.enabled and cfg.algo.name != "ppo":
+        raise ValueError(f"The torchrun learner runs algo=ppo; for algo={cfg.algo.name} scale rollouts with scale=ray.")
     if cfg.resume:
         run_dir = Path(cfg.resume)
         saved = run_dir / CONFIG_FILE
@@ -211,7 +216,9 @@ def finetune(cfg: Config, overrides: list[str]) -> None:
                 f"Run {str(run_dir)!r} already finished {done} iterations (algo.iterations={cfg.algo.iterations}); "
                 f"pass algo.iterations=N with N > {done} to continue it."
             )
-        _setup(cfg, "finetune", resume_dir=run_dir)
+        if distributed.is_main:
+            _setup(cfg, "finetune", resume_dir=run_dir)
+        distributed.barrier()
         policy = None
     else:
         pretrained = cfg.policy.pretrained or (
@@ -233,10 +240,16 @@ def finetune(cfg: Config, overrides: list[str]) -> None:
         # The exploration settings are a fine-tuning choice: the config's apply to the loaded policy.
         policy = policy.configure_finetuning(cfg.policy)
         cfg = _with_checkpoint_architecture(cfg, policy)
-        run_dir = _setup(cfg, "finetune")
-    train = {"ppo": train_ppo, "grpo": train_grpo}[cfg.algo.name]
-    result = train(cfg, run_dir, policy, resume=policy is None)
-    _write_eval(run_dir, result)
+        run_dir = distributed.broadcast(_setup(cfg, "finetune") if distributed.is_main else None)
+    try:
+        if cfg.algo.name == "ppo":
+            result = train_ppo(cfg, run_dir, policy, resume=policy is None, distributed=distributed)
+        else:
+            result = train_grpo(cfg, run_dir, policy, resume=policy is None)
+    finally:
+        distributed.close()
+    if distributed.is_main:
+        _write_eval(run_dir, result)
 
 
 def _with_checkpoint_architecture(cfg: Config, policy: torch.nn.Module) -> Config:

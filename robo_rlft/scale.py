@@ -29,6 +29,7 @@ from torch import nn
 from robo_rlft.algos.grpo import GroupRollout, collect_group_rollouts, group_seeds
 from robo_rlft.algos.ppo import ChunkRollout, collect_chunk_rollout, rollout_reset_seed
 from robo_rlft.config import Config
+from robo_rlft.distributed import Distributed
 from robo_rlft.observations import ObservationAdapter
 
 logger = logging.getLogger(__name__)
@@ -132,11 +133,13 @@ class RolloutWorkers(Protocol):
 
 
 class LocalRolloutWorkers:
-    """The workers in this process, one after the other, sharing the learner's policy and critic."""
+    """Workers in this process, one after the other, sharing the learner's policy and critic: all of them, or
+    (``indices``) a data-parallel rank's share."""
 
-    def __init__(self, cfg: Config, policy: nn.Module, critic: nn.Module | None) -> None:
+    def __init__(self, cfg: Config, policy: nn.Module, critic: nn.Module | None, indices: range | None = None) -> None:
         envs_per_worker = cfg.env.num_envs // cfg.scale.num_workers
-        self.workers = [RolloutWorker(cfg, policy, critic, w, envs_per_worker) for w in range(cfg.scale.num_workers)]
+        indices = range(cfg.scale.num_workers) if indices is None else indices
+        self.workers = [RolloutWorker(cfg, policy, critic, w, envs_per_worker) for w in indices]
 
     def collect_ppo(self, policy: nn.Module, critic: nn.Module, iteration: int) -> ChunkRollout:
         return ChunkRollout.concat([worker.collect_ppo(iteration) for worker in self.workers])
@@ -222,8 +225,21 @@ class RayRolloutWorkers:
             self.ray.shutdown()
 
 
-def make_rollout_workers(cfg: Config, policy: nn.Module, critic: nn.Module | None = None) -> RolloutWorkers:
-    """The run's rollout workers (``cfg.scale``)."""
+def make_rollout_workers(
+    cfg: Config, policy: nn.Module, critic: nn.Module | None = None, distributed: Distributed | None = None
+) -> RolloutWorkers:
+    """The run's rollout workers (``cfg.scale``); under ``torchrun``, this rank's share of them (in process)."""
+    distributed = distributed or Distributed()
+    if distributed.enabled:
+        workers, ranks = cfg.scale.num_workers, distributed.world_size
+        if cfg.scale.backend != "local" or workers % ranks:
+            raise ValueError(
+                f"Under torchrun ({ranks} ranks) each rank runs its share of the rollout workers in its process: "
+                f"use scale.backend=local and scale.num_workers a multiple of {ranks} (got "
+                f"scale.backend={cfg.scale.backend}, scale.num_workers={workers})."
+            )
+        share = workers // ranks
+        return LocalRolloutWorkers(cfg, policy, critic, range(distributed.rank * share, (distributed.rank + 1) * share))
     if cfg.scale.backend == "ray":
         return RayRolloutWorkers(cfg, policy, critic)
     return LocalRolloutWorkers(cfg, policy, critic)

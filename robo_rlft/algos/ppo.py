@@ -27,6 +27,7 @@ from policies.critic import ValueCritic
 from policies.vla_backbone import VLAObservation
 from robo_rlft.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from robo_rlft.config import Config
+from robo_rlft.distributed import Distributed
 from robo_rlft.evaluation import BestPolicyTracker, eval_metrics, policy_metadata
 from robo_rlft.metrics import MetricLogger
 from robo_rlft.observations import ObservationAdapter, ObservationBuffer, stack_observations
@@ -343,13 +344,23 @@ def collect_chunk_rollout(
     )
 
 
-def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool = False) -> dict[str, Any]:
+def train_ppo(
+    cfg: Config,
+    run_dir: Path,
+    policy: nn.Module | None,
+    resume: bool = False,
+    distributed: Distributed | None = None,
+) -> dict[str, Any]:
     """Fine-tune ``policy`` with PPO; writes metrics, checkpoints, ``best/`` and ``final/`` to ``run_dir``.
 
     With ``resume=True`` the policy (pass None) and all training state come from the run's latest
-    checkpoint. Returns the last evaluation result.
+    checkpoint. Under ``torchrun`` (``distributed``), each rank collects its slice of the rollout and of every
+    minibatch, gradients are averaged across ranks, and rank 0 alone logs, evaluates and checkpoints
+    (:mod:`robo_rlft.distributed`). Returns the last evaluation result (on rank 0; ``{}`` on the others).
     """
     algo, device = cfg.algo, torch.device(cfg.device)
+    distributed = distributed or Distributed()
+    main = distributed.is_main
     reward_scaler = RunningRewardScaler(cfg.env.num_envs, algo.gamma)
     start_iteration, env_steps, best_return = 0, 0, -math.inf
     optim_state: dict[str, Any] | None = None
@@ -371,19 +382,20 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
     if algo.bc_coef > 0:
         # The frozen pretrained policy lives in the run directory, so a resumed run regularises
         # toward the same policy as the original one.
-        if not resume:
+        if not resume and main:
             base_meta = {
                 **policy_metadata(cfg, "robo-rlft finetune", cameras=adapter.uses_images),
                 "role": "bc regulariser base",
             }
             save_policy(policy, run_dir / BASE_POLICY_DIR, base_meta)
+        distributed.barrier()
         base_policy = load_policy(run_dir / BASE_POLICY_DIR)[0].to(device).eval().requires_grad_(False)
     policy.to(device).train()
     critic.to(device).train()
     # Rollout workers: in this process, or Ray actors with copies of the policy and critic.
     from robo_rlft.scale import make_rollout_workers  # (robo_rlft.scale runs this module's rollout)
 
-    workers = make_rollout_workers(cfg, policy, critic)
+    workers = make_rollout_workers(cfg, policy, critic, distributed)
     # A VLA's frozen backbone has requires_grad=False: it never gets a gradient, so Adam leaves it alone.
     actor_optimizer = torch.optim.Adam(policy.parameters(), lr=algo.actor_lr)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=algo.critic_lr)
@@ -398,31 +410,35 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
         critic_optimizer.load_state_dict(optim_state["critic_optimizer"])
         actor_scheduler.load_state_dict(optim_state["actor_scheduler"])
         critic_scheduler.load_state_dict(optim_state["critic_scheduler"])
-    metrics = MetricLogger(run_dir, resume=resume, resume_iteration=start_iteration if resume else None)
     last_eval: dict[str, Any] = {}
-
     tracker = BestPolicyTracker.for_finetune(cfg, run_dir, device, best_return, cameras=adapter.uses_images)
-    if start_iteration == 0:
-        last_eval = tracker.log_start(policy, metrics)
+    metrics = None
+    if main:  # rank 0 writes the run's files
+        metrics = MetricLogger(run_dir, resume=resume, resume_iteration=start_iteration if resume else None)
+        if start_iteration == 0:
+            last_eval = tracker.log_start(policy, metrics)
 
     if optim_state is not None:
         torch.set_rng_state(optim_state["torch_rng"])  # last: nothing may draw random numbers after it
-    bar = progress_bar(algo.iterations, "finetune", enabled=cfg.progress, completed=start_iteration)
+    bar = progress_bar(algo.iterations, "finetune", enabled=cfg.progress and main, completed=start_iteration)
     try:
         for iteration in range(start_iteration, algo.iterations):
             tic = time.perf_counter()
             rollout = workers.collect_ppo(policy, critic, iteration)
             time_rollout = time.perf_counter() - tic
-            env_steps += rollout.env_steps
+            env_steps += sum(distributed.gather([rollout.env_steps]))
             rewards = rollout.rewards
-            if algo.reward_scaling:  # in step order, as if scaled while stepping
+            if algo.reward_scaling:  # in step order, as if scaled while stepping, over every rank's envs
                 reward_scaler.reset()
-                rewards = torch.stack(
+                all_rewards, all_ends = distributed.gather_envs(rewards), distributed.gather_envs(rollout.ends)
+                scaled = torch.stack(
                     [
                         torch.as_tensor(reward_scaler(r.numpy(), e.bool().numpy()), dtype=torch.float32)
-                        for r, e in zip(rollout.rewards, rollout.ends, strict=True)
+                        for r, e in zip(all_rewards, all_ends, strict=True)
                     ]
                 )
+                envs_here = rewards.shape[1]
+                rewards = scaled[:, distributed.rank * envs_here : (distributed.rank + 1) * envs_here]
             advantages, returns = compute_gae(
                 rewards, rollout.values, rollout.next_values, rollout.ends, algo.gamma, algo.gae_lambda
             )
@@ -439,7 +455,8 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
             b_returns = returns.reshape(-1).to(device)
             sample_rows, sample_masks = ppo_samples(b_stochastic, algo.ratio_unit)  # (S,), (S, K)
             num_samples = sample_rows.shape[0]
-            minibatch = min(algo.minibatch_size, num_samples)
+            # Each rank takes its share of a minibatch from its own slice (equal slices: equal minibatch counts).
+            minibatch = min(max(algo.minibatch_size // distributed.world_size, 1), num_samples)
             step_clips = None
             if algo.ratio_unit == "transition":
                 step_clips = transition_clip_schedule(
@@ -473,13 +490,16 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
                     if math.isnan(ratio_first):
                         ratio_first = losses.ratio_mean
                     loss = losses.value + (losses.policy + losses.entropy + losses.bc if train_actor else 0.0)
-                    if not torch.isfinite(loss):
+                    if distributed.any(not torch.isfinite(loss)):  # every rank skips, or none
                         skipped += 1
                         logger.warning("Non-finite loss at iteration %d; skipping this minibatch update.", iteration)
                         continue
                     actor_optimizer.zero_grad()
                     critic_optimizer.zero_grad()
                     loss.backward()
+                    distributed.average_gradients(critic.parameters())
+                    if train_actor:
+                        distributed.average_gradients(policy.parameters())
                     nn.utils.clip_grad_norm_(critic.parameters(), algo.max_grad_norm)
                     critic_optimizer.step()
                     if train_actor:
@@ -492,19 +512,22 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
                     entropies.append(losses.entropy_mean)
                     bc_losses.append(losses.bc.item())
                 # KL early stop: skip the remaining epochs once this epoch moved the policy too far.
-                epoch_kls = kls[epoch_start:]
-                if train_actor and algo.target_kl is not None and epoch_kls and np.mean(epoch_kls) > algo.target_kl:
+                epoch_kl = distributed.mean(float(np.mean(kls[epoch_start:] or [0.0])))
+                if train_actor and algo.target_kl is not None and epoch_kl > algo.target_kl:
                     break
             if train_actor:  # the actor's schedule starts after critic warm-up
                 actor_scheduler.step()
             critic_scheduler.step()
+            distributed.check_identical(policy, critic)
             time_update = time.perf_counter() - tic
 
+            finished_returns = distributed.gather(rollout.finished_returns)
+            finished_success = distributed.gather(rollout.finished_success)
             row: dict[str, float] = {
                 "iteration": iteration + 1,
                 "env_steps": env_steps,
-                "rollout/return_mean": float(np.mean(rollout.finished_returns or [math.nan])),
-                "rollout/episodes": len(rollout.finished_returns),
+                "rollout/return_mean": float(np.mean(finished_returns or [math.nan])),
+                "rollout/episodes": len(finished_returns),
                 "rollout/noise_std_mean": rollout.noise_std_mean,
                 "train/approx_kl": float(np.mean(kls)) if kls else math.nan,
                 "train/clip_fraction": float(np.mean(clip_fracs)) if clip_fracs else math.nan,
@@ -521,10 +544,12 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
                 "time/rollout": time_rollout,
                 "time/update": time_update,
             }
-            if rollout.finished_success:
-                row["rollout/success_rate"] = float(np.mean(rollout.finished_success))
+            if finished_success:
+                row["rollout/success_rate"] = float(np.mean(finished_success))
 
             done = iteration + 1 == algo.iterations
+            if not main:  # logging, evaluation and checkpoints are rank 0's
+                continue
             if done or (algo.eval_every and (iteration + 1) % algo.eval_every == 0):
                 last_eval = tracker.evaluate(policy, iteration + 1)
                 row.update(eval_metrics(last_eval))
@@ -555,7 +580,10 @@ def train_ppo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool
     finally:
         bar.close()
         workers.close()
-        metrics.close()
-    save_policy(policy, run_dir / "final", {**tracker.metadata, "iteration": algo.iterations})
-    metrics.plot(run_dir / "learning_curve.png")
+        if metrics is not None:
+            metrics.close()
+    if main:
+        save_policy(policy, run_dir / "final", {**tracker.metadata, "iteration": algo.iterations})
+        metrics.plot(run_dir / "learning_curve.png")
+    distributed.barrier()  # the other ranks return once the run's files are complete
     return last_eval
