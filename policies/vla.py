@@ -33,10 +33,12 @@ from policies.noise import SCHEMES, FlowNoiseConfig, StepInputs
 from policies.normalizer import Normalizer
 from policies.vla_backbone import (
     CAMERA_IMAGE_KEYS,
+    TINY_IMAGE_SIZE,
     TINY_VLM,
     VLA_INSTALL_HINT,
     VLAObservation,
     VLMBackbone,
+    check_tiny_image_size,
     check_vlm_dir,
 )
 
@@ -56,6 +58,8 @@ class VLAPolicyConfig:
             layout: config, weights, tokenizer, processor config), or ``"tiny"`` for the random tiny
             Idefics3 of :func:`policies.vla_backbone.build_tiny_vlm`. A checkpoint keeps its own copy of the
             VLM, so this is only read when a policy is first built.
+        tiny_image_size: (``vlm_path="tiny"`` only) the tiny VLM's image size S, a multiple of 16; each camera
+            image becomes ``(S / 16)^2`` tokens (32 px: 4, 64 px: 16). Ignored for other VLMs, whose config says.
         horizon: H, actions per chunk.
         denoising_steps: K, Euler steps from noise (t=0) to action (t=1).
         cameras: which camera images enter the prefix, in this order (``agentview``, ``wrist``).
@@ -73,9 +77,23 @@ class VLAPolicyConfig:
             log-probs differ from the sampled ones by kernel-dependent rounding (the first PPO ratio != 1).
         gradient_checkpointing: recompute activations in the backward pass (expert blocks, and the VLM when
             it is trained), trading compute for memory.
+        object_loss_weight: weight of an auxiliary supervised-pretraining loss: a small head predicts the
+            objects' poses (the env's ``object_state``, z-scored) from the pooled VLM prefix. The flow-matching
+            loss alone barely teaches a VLM to localise a small object (the tiny VLM's SFT ignored its images);
+            this term does, when the VLM trains (``freeze_backbone=false`` or LoRA). The head exists only
+            during pretraining (:meth:`VLAPolicy.add_object_head`): checkpoints, RL and deployment never see it.
+            0 = plain flow matching.
+        state_noise_std: std of Gaussian noise added to the normalised state in the pretraining loss only (never
+            when sampling or in RL). Each demonstration's start pose is jittered, so a precise state identifies
+            the episode and, through it, where the object was: the tiny VLA's SFT memorised that instead of
+            looking (same actions for any cube position at evaluation). The noise blurs that fingerprint.
+        prefix_summary: the expert's state token also gets a linear map of the pooled prefix (the features the
+            object head and the critic read), a direct path from what the VLM saw besides cross-attention,
+            whose keys and values barely vary between observations in a VLM that was trained from scratch.
     """
 
     vlm_path: str = ""
+    tiny_image_size: int = TINY_IMAGE_SIZE
     horizon: int = 8
     denoising_steps: int = 5
     cameras: list[str] = field(default_factory=lambda: ["agentview", "wrist"])
@@ -91,6 +109,9 @@ class VLAPolicyConfig:
     noise: FlowNoiseConfig = field(default_factory=lambda: FlowNoiseConfig(scheme="flow_noise"))
     bf16_autocast: bool = True
     gradient_checkpointing: bool = False
+    object_loss_weight: float = 0.0
+    state_noise_std: float = 0.0
+    prefix_summary: bool = False
 
     def __post_init__(self) -> None:
         # An empty vlm_path is valid here: a run that starts from a checkpoint (policy.pretrained) takes the
@@ -111,8 +132,13 @@ class VLAPolicyConfig:
                 f"policy.cameras={self.cameras} must be a non-empty list of distinct names from "
                 f"{list(CAMERA_IMAGE_KEYS)}."
             )
+        if self.vlm_path == TINY_VLM:
+            check_tiny_image_size(self.tiny_image_size)
         if self.lora_rank < 0:
             raise ValueError(f"policy.lora_rank must be >= 0 (0 = no LoRA), got {self.lora_rank}.")
+        for name in ("object_loss_weight", "state_noise_std"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"policy.{name} must be >= 0 (0 = off), got {getattr(self, name)}.")
         if self.lora_rank > 0 and not self.freeze_backbone:
             raise ValueError(
                 "policy.lora_rank > 0 trains adapters on a frozen backbone; it needs policy.freeze_backbone=true "
@@ -209,6 +235,7 @@ class ActionExpert(nn.Module):
         self.gradient_checkpointing = config.gradient_checkpointing
         self.time_embed = SinusoidalEmbedding(config.time_embed_dim)
         self.state_in = nn.Linear(state_dim, width)
+        self.prefix_summary = nn.Linear(prefix_dim, width) if config.prefix_summary else None
         self.action_in = nn.Linear(action_dim, width)
         self.action_pos = nn.Parameter(torch.randn(config.horizon, width) * 0.02)
         self.action_time_mlp = nn.Sequential(
@@ -228,7 +255,10 @@ class ActionExpert(nn.Module):
         """``x (N, H, A)``, ``t (N,)`` -> velocity ``(N, H, A)`` and pooled features ``(N, W)``."""
         time = self.time_embed(t)[:, None].expand(-1, x.shape[1], -1)  # (N, H, E)
         actions = self.action_time_mlp(torch.cat([self.action_in(x) + self.action_pos, time], dim=-1))  # (N, H, W)
-        h = torch.cat([self.state_in(cond.gather(cond.state))[:, None], actions], dim=1)  # (N, 1+H, W)
+        state_token = self.state_in(cond.gather(cond.state))  # (N, W)
+        if self.prefix_summary is not None:
+            state_token = state_token + self.prefix_summary(cond.gather(cond.pooled_prefix))
+        h = torch.cat([state_token[:, None], actions], dim=1)  # (N, 1+H, W)
         mask = cond.gather(cond.prefix_mask)[:, None, None, :]  # (N, 1, 1, L)
         for block, (keys, values) in zip(self.blocks, cond.prefix_kv, strict=True):
             keys, values = cond.gather(keys), cond.gather(values)  # (N, heads, L, W/heads)
@@ -291,12 +321,14 @@ class VLAPolicy(nn.Module):
         if vlm_dir is not None:
             self.backbone = VLMBackbone.from_dir(vlm_dir, config.max_instruction_tokens, load_weights=False)
         elif config.vlm_path == TINY_VLM:
-            self.backbone = VLMBackbone.tiny(config.max_instruction_tokens)
+            self.backbone = VLMBackbone.tiny(config.max_instruction_tokens, image_size=config.tiny_image_size)
         else:
             self.backbone = VLMBackbone.from_dir(config.vlm_path, config.max_instruction_tokens)
         self._configure_backbone_training()
         self.expert = ActionExpert(obs_dim, action_dim, self.backbone.hidden_size, config)
         self.noise = self._build_scheme(config.noise)
+        # Pretraining only (config.object_loss_weight): pooled prefix -> z-scored object_state.
+        self.object_head: nn.Module | None = None
 
     @classmethod
     def from_checkpoint_dir(cls, path: str | Path, obs_dim: int, action_dim: int, config: VLAPolicyConfig) -> VLAPolicy:
@@ -388,6 +420,26 @@ class VLAPolicy(nn.Module):
             fresh.load_state_dict(self.noise.state_dict())
         self.noise = fresh.to(self.normalizer.obs_mean.device)
         self.config = dataclasses.replace(self.config, noise=config)
+
+    # ---- the auxiliary object head (pretraining only) ----
+    def add_object_head(self, object_dim: int) -> None:
+        """Add the head that predicts ``object_dim`` object-state values from the pooled prefix (a fresh one).
+
+        Called by pretraining before the optimiser is built when ``config.object_loss_weight > 0``; removed
+        again by :meth:`remove_object_head` before the policy is saved, so a checkpoint never holds it.
+        """
+        if object_dim < 1:
+            raise ValueError(
+                f"policy.object_loss_weight={self.config.object_loss_weight} needs the dataset's object_state, but "
+                f"it has {object_dim} object dims; set policy.object_loss_weight=0 for a task without objects."
+            )
+        width = self.backbone.hidden_size
+        device = self.normalizer.obs_mean.device
+        self.object_head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, object_dim)).to(device)
+
+    def remove_object_head(self) -> None:
+        """Drop the pretraining-only object head (a no-op without one)."""
+        self.object_head = None
 
     # ---- prefix: once per observation ----
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -496,17 +548,31 @@ class VLAPolicy(nn.Module):
         return score_chain(_CachedConditioningView(self, self.condition(obs)), obs, chain, stochastic)
 
     def pretrain_loss(self, obs: VLAObservation, actions: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Rectified-flow matching loss of the expert (and of the LoRA adapters or VLM when trained).
+        """Rectified-flow matching loss of the expert (and of the LoRA adapters or VLM when trained), plus, with
+        ``config.object_loss_weight > 0``, the weighted object-state regression of the object head.
 
-        ``actions (B, H, A)`` env units.
+        ``actions (B, H, A)`` env units; ``obs.object_state (B, object_dim)`` z-scored (needed with the weight).
         """
         cond = self.condition(obs)
+        if self.config.state_noise_std > 0.0:
+            noisy = cond.state + self.config.state_noise_std * torch.randn_like(cond.state)  # (B, state_dim)
+            cond = dataclasses.replace(cond, state=noisy)
         x1 = self.normalizer.normalize_action(actions.to(self.normalizer.obs_mean.device))
         x0 = torch.randn_like(x1)
         t = torch.rand(x1.shape[0], device=x1.device)
         x_t = (1 - t)[:, None, None] * x0 + t[:, None, None] * x1
         velocity, _ = self.velocity_and_features(x_t, t, cond)
-        return {"flow_matching": (velocity - (x1 - x0)).pow(2).mean()}
+        losses = {"flow_matching": (velocity - (x1 - x0)).pow(2).mean()}
+        weight = self.config.object_loss_weight
+        if weight > 0.0:
+            if self.object_head is None or obs.object_state is None:
+                raise ValueError(
+                    f"policy.object_loss_weight={weight} needs the object head (VLAPolicy.add_object_head) and "
+                    "VLAObservation.object_state (robo_rlft.observations.ObservationAdapter.dataset_inputs gives it)."
+                )
+            target = obs.object_state.to(cond.pooled_prefix.device)  # (B, object_dim)
+            losses["object_state"] = weight * (self.object_head(cond.pooled_prefix) - target).pow(2).mean()
+        return losses
 
     # ---- checkpoint assets ----
     def save_assets(self, path: Path) -> None:

@@ -36,6 +36,8 @@ CAMERA_IMAGE_KEYS: dict[str, str] = {"agentview": "agentview_image", "wrist": "w
 STATE_KEY = "state"
 # ``vlm_path`` value that builds the random tiny VLM of :func:`build_tiny_vlm` in memory (tests, smoke runs).
 TINY_VLM = "tiny"
+# Its default image size (policy.tiny_image_size): 32 px, 4 tokens per image.
+TINY_IMAGE_SIZE = 32
 # Files of a VLM directory that preprocessing needs besides the model config and tokenizer; copied verbatim
 # into checkpoints so `AutoProcessor.from_pretrained(<checkpoint>/vlm)` keeps working.
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "chat_template.jinja", "chat_template.json")
@@ -66,11 +68,15 @@ class VLAObservation:
         images: camera name -> ``(B, H, W, 3)`` uint8 RGB, right side up.
         instructions: ``B`` language instructions.
         state: ``(B, state_dim)`` proprioception in env units (the tabletop ``state``).
+        object_state: ``(B, object_dim)`` the objects' poses, z-scored over the demonstrations, or None. A
+            training target only (``VLAPolicyConfig.object_loss_weight``): the policy never reads it to act,
+            so env observations, rollouts and deployment leave it None.
     """
 
     images: dict[str, torch.Tensor]
     instructions: list[str]
     state: torch.Tensor
+    object_state: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -85,11 +91,13 @@ class VLAObservation:
             {name: image[index] for name, image in self.images.items()},
             [self.instructions[i] for i in index],
             self.state[index],
+            None if self.object_state is None else self.object_state[index],
         )
 
     def to(self, device: torch.device | str) -> VLAObservation:
         images = {name: image.to(device) for name, image in self.images.items()}
-        return VLAObservation(images, self.instructions, self.state.to(device))
+        object_state = None if self.object_state is None else self.object_state.to(device)
+        return VLAObservation(images, self.instructions, self.state.to(device), object_state)
 
     def validate(self, cameras: Sequence[str], state_dim: int) -> None:
         """Raise a ValueError naming what does not fit a policy with ``cameras`` and ``state_dim``."""
@@ -98,6 +106,10 @@ class VLAObservation:
             raise ValueError(f"VLAObservation.state must be (B, {state_dim}), got {tuple(self.state.shape)}.")
         if len(self.instructions) != batch:
             raise ValueError(f"VLAObservation has {len(self.instructions)} instructions for a batch of {batch}.")
+        if self.object_state is not None and (self.object_state.ndim != 2 or self.object_state.shape[0] != batch):
+            raise ValueError(
+                f"VLAObservation.object_state must be (B={batch}, object_dim), got {tuple(self.object_state.shape)}."
+            )
         missing = [c for c in cameras if c not in self.images]
         if missing:
             raise ValueError(f"VLAObservation lacks images of cameras {missing}; it has {sorted(self.images)}.")
@@ -311,9 +323,9 @@ class VLMBackbone(nn.Module):
         return cls(vlm.model.float(), tokenizer, _read_processor_files(vlm_dir), max_text_tokens)
 
     @classmethod
-    def tiny(cls, max_text_tokens: int, seed: int = 0) -> VLMBackbone:
+    def tiny(cls, max_text_tokens: int, seed: int = 0, image_size: int = TINY_IMAGE_SIZE) -> VLMBackbone:
         """The random tiny Idefics3 of :func:`build_tiny_vlm`, in memory."""
-        vlm, tokenizer, processor = _tiny_vlm_parts(seed)
+        vlm, tokenizer, processor = _tiny_vlm_parts(seed, image_size)
         with tempfile.TemporaryDirectory() as tmp:  # the processor's files exactly as save_pretrained writes them
             processor.save_pretrained(tmp)
             files = _read_processor_files(Path(tmp))
@@ -412,11 +424,23 @@ _TINY_EXTRA_TOKENS = {
     "global_image_token": "<global-img>",
     "end_of_utterance_token": "<end_of_utterance>",
 }
-TINY_IMAGE_SIZE = 32
+# The tiny VLM's patch size and pixel-shuffle factor: an S-pixel image gives (S / 16)^2 image tokens.
+_TINY_PATCH, _TINY_SCALE = 8, 2
 
 
-def _tiny_vlm_parts(seed: int) -> tuple[nn.Module, Any, Any]:
-    """A random tiny Idefics3 (SmolVLM layout), its WordLevel tokenizer and its processor."""
+def check_tiny_image_size(image_size: int) -> None:
+    """Raise a ValueError unless ``image_size`` is a positive multiple of 16 (whole patches after the shuffle)."""
+    step = _TINY_PATCH * _TINY_SCALE
+    if image_size < step or image_size % step:
+        raise ValueError(
+            f"policy.tiny_image_size must be a positive multiple of {step} (patch {_TINY_PATCH} x pixel shuffle "
+            f"{_TINY_SCALE}), got {image_size}; e.g. 32 (4 tokens per image) or 64 (16 tokens per image)."
+        )
+
+
+def _tiny_vlm_parts(seed: int, image_size: int = TINY_IMAGE_SIZE) -> tuple[nn.Module, Any, Any]:
+    """A random tiny Idefics3 (SmolVLM layout) for ``image_size`` images, its WordLevel tokenizer, its processor."""
+    check_tiny_image_size(image_size)
     transformers = require_vla_dependencies()
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
@@ -431,7 +455,7 @@ def _tiny_vlm_parts(seed: int) -> tuple[nn.Module, Any, Any]:
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=word_level, **_TINY_SPECIAL_TOKENS, extra_special_tokens=_TINY_EXTRA_TOKENS
     )
-    patch, scale = 8, 2  # (32/8)^2 = 16 patches -> 4 image tokens per image after the pixel shuffle
+    patch, scale = _TINY_PATCH, _TINY_SCALE  # 32 px: (32/8)^2 = 16 patches -> 4 image tokens after the shuffle
     config = transformers.Idefics3Config(
         image_token_id=tokenizer.convert_tokens_to_ids(_TINY_EXTRA_TOKENS["image_token"]),
         scale_factor=scale,
@@ -440,7 +464,7 @@ def _tiny_vlm_parts(seed: int) -> tuple[nn.Module, Any, Any]:
             "intermediate_size": 128,
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
-            "image_size": TINY_IMAGE_SIZE,
+            "image_size": image_size,
             "patch_size": patch,
         },
         text_config={
@@ -460,19 +484,20 @@ def _tiny_vlm_parts(seed: int) -> tuple[nn.Module, Any, Any]:
         model = transformers.AutoModelForImageTextToText.from_config(config).float()
     image_processor = Idefics3ImageProcessorPil(
         do_image_splitting=False,
-        size={"longest_edge": TINY_IMAGE_SIZE},
-        max_image_size={"longest_edge": TINY_IMAGE_SIZE},
+        size={"longest_edge": image_size},
+        max_image_size={"longest_edge": image_size},
     )
     processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=model.model.image_seq_len)
     return model, tokenizer, processor
 
 
-def build_tiny_vlm(path: str | Path, seed: int = 0) -> Path:
-    """Write a random tiny Idefics3 VLM (SmolVLM layout, ~0.5M parameters, 32x32 images, 4 tokens per image)
-    with its tokenizer and processor to ``path``, in the format ``save_pretrained`` uses. Nothing is downloaded.
+def build_tiny_vlm(path: str | Path, seed: int = 0, image_size: int = TINY_IMAGE_SIZE) -> Path:
+    """Write a random tiny Idefics3 VLM (SmolVLM layout, ~0.5M parameters; 32x32 images with 4 tokens each by
+    default, ``(image_size / 16)^2`` tokens otherwise) with its tokenizer and processor to ``path``, in the format
+    ``save_pretrained`` uses. Nothing is downloaded.
     """
     path = Path(path)
-    model, _, processor = _tiny_vlm_parts(seed)
+    model, _, processor = _tiny_vlm_parts(seed, image_size)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path

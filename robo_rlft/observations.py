@@ -218,20 +218,43 @@ class ObservationAdapter:
         Returns:
             State policies: ``(N, obs_dim)`` float32 tensor and ``dataset.stats()``. ``vla``: a ``VLAObservation``
             of N rows (images shared with the dataset, on the CPU; the policy moves each minibatch) and the stats
-            with ``obs_mean``/``obs_std`` of the ``state`` dims only.
+            with ``obs_mean``/``obs_std`` of the ``state`` dims only. Its ``object_state`` holds the dataset's other
+            observation dims (the objects' poses), z-scored with the dataset's statistics: the target of the VLA's
+            auxiliary object loss (``policy.object_loss_weight``), None when the observations are only ``state``.
         """
         if not self.uses_images:
             return torch.as_tensor(dataset.observations, dtype=torch.float32), dataset.stats()
         self._check_images_and_instructions(dataset)
         state_slice = self._state_slice(dataset)
         stats = dataset.stats()
+        others = np.ones(dataset.obs_dim, dtype=bool)
+        others[state_slice] = False  # every dim that is not the robot's state: the objects' poses
+        object_state = None
+        if others.any():
+            z_scored = (dataset.observations[:, others] - stats["obs_mean"][others]) / stats["obs_std"][others]
+            object_state = torch.as_tensor(z_scored, dtype=torch.float32)  # (N, object_dim)
         stats = {**stats, "obs_mean": stats["obs_mean"][state_slice], "obs_std": stats["obs_std"][state_slice]}
         inputs = VLAObservation(
             images={camera: torch.from_numpy(dataset.images[camera]) for camera in self.cameras},  # (N, H, W, 3)
             instructions=[str(text) for text in dataset.instructions],
             state=torch.as_tensor(dataset.observations[:, state_slice], dtype=torch.float32),  # (N, state_dim)
+            object_state=object_state,
         )
         return inputs, stats
+
+    def prepare_pretraining(self, policy: torch.nn.Module, inputs: torch.Tensor | VLAObservation) -> None:
+        """Give ``policy`` its pretraining-only modules before the optimiser is built: for a VLA with
+        ``policy.object_loss_weight > 0``, the object head sized to ``inputs.object_state`` (of
+        :meth:`dataset_inputs`). :meth:`finish_pretraining` removes them."""
+        # getattr: image policies without the option (SmolVLA) have no object head.
+        if self.uses_images and getattr(policy.config, "object_loss_weight", 0.0) > 0:
+            object_dim = 0 if inputs.object_state is None else inputs.object_state.shape[1]
+            policy.add_object_head(object_dim)
+
+    def finish_pretraining(self, policy: torch.nn.Module) -> None:
+        """Remove what :meth:`prepare_pretraining` added, so the saved policy is the one RL and deployment load."""
+        if getattr(policy, "object_head", None) is not None:
+            policy.remove_object_head()
 
     def _check_images_and_instructions(self, dataset: DemoDataset) -> None:
         record = _COLLECT_HINT.format(cameras=",".join(self.cameras))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import shutil
 import time
@@ -34,6 +35,10 @@ def make_vla(
     lora_rank: int = 0,
     gradient_checkpointing: bool = False,
     seed: int = 0,
+    freeze_backbone: bool = True,
+    object_loss_weight: float = 0.0,
+    state_noise_std: float = 0.0,
+    prefix_summary: bool = False,
 ) -> VLAPolicy:
     """A tiny VLA with a non-trivial normaliser and an input-dependent noise head."""
     config = VLAPolicyConfig(
@@ -46,6 +51,10 @@ def make_vla(
         time_embed_dim=8,
         lora_rank=lora_rank,
         gradient_checkpointing=gradient_checkpointing,
+        freeze_backbone=freeze_backbone,
+        object_loss_weight=object_loss_weight,
+        state_noise_std=state_noise_std,
+        prefix_summary=prefix_summary,
         noise=FlowNoiseConfig(scheme, sigma_min=0.05, sigma_max=0.15, hidden_dims=[16], sde_steps=sde_steps),
     )
     gen = torch.Generator().manual_seed(seed)
@@ -118,6 +127,20 @@ def test_tiny_vlm_builds_fast_and_reloads_with_the_transformers_auto_classes(tmp
     # Every special token of the SmolVLM prompt is a real token, not <unk>.
     for token in ("<fake_token_around_image>", "<global-img>", "<image>", "<end_of_utterance>"):
         assert processor.tokenizer.convert_tokens_to_ids(token) != processor.tokenizer.unk_token_id, token
+
+
+@pytest.mark.parametrize(("image_size", "tokens"), [(32, 4), (64, 16)])
+def test_tiny_image_size_sets_the_image_tokens(image_size, tokens):
+    """``policy.tiny_image_size`` builds the tiny VLM for S-pixel images, ``(S / 16)^2`` tokens each."""
+    config = VLAPolicyConfig(vlm_path="tiny", tiny_image_size=image_size, expert_width=32, expert_heads=2)
+    policy = VLAPolicy(STATE_DIM, ACTION_DIM, config)
+    assert policy.backbone.image_size == image_size and policy.backbone.layout.tokens_per_image == tokens
+    with torch.no_grad():
+        prefix = policy.backbone(make_obs(16), policy.config.cameras)
+    image_tokens = (policy.backbone.input_ids(["lift"], 2)[0] == policy.backbone.layout.image_token_id).sum()
+    assert image_tokens == 2 * tokens and prefix.features.shape[0] == BATCH
+    with pytest.raises(ValueError, match=r"policy\.tiny_image_size must be a positive multiple of 16.*got 40"):
+        VLAPolicyConfig(vlm_path="tiny", tiny_image_size=40)
 
 
 def test_prefix_inputs_match_the_transformers_processor(tiny_vlm_dir):
@@ -394,7 +417,101 @@ def test_gradient_checkpointing_recomputes_activations_and_keeps_the_gradients()
         torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_zero_object_loss_weight_is_plain_flow_matching():
+    """With ``object_loss_weight=0`` the loss and its gradients are those of flow matching alone, whether or not
+    the batch carries object states; with a weight the flow term is unchanged and the object term is added."""
+    obs, actions = make_obs(11), torch.rand(BATCH, 4, ACTION_DIM) - 0.5
+    with_objects = dataclasses.replace(obs, object_state=torch.randn(BATCH, 7))
+    results = []
+    for weight, batch in ((0.0, obs), (0.0, with_objects), (2.0, with_objects)):
+        policy = make_vla(freeze_backbone=False, object_loss_weight=weight)
+        if weight:
+            policy.add_object_head(7)
+        torch.manual_seed(0)
+        losses = policy.pretrain_loss(batch, actions)
+        losses["flow_matching"].backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        results.append((losses, grads))
+    (plain, plain_grads), (ignored, ignored_grads), (weighted, weighted_grads) = results
+    assert plain.keys() == ignored.keys() == {"flow_matching"}
+    assert weighted.keys() == {"flow_matching", "object_state"} and weighted["object_state"] > 0
+    assert torch.equal(plain["flow_matching"], ignored["flow_matching"])
+    assert torch.equal(plain["flow_matching"], weighted["flow_matching"])
+    assert plain_grads.keys() == ignored_grads.keys()
+    assert all(torch.equal(plain_grads[n], ignored_grads[n]) for n in plain_grads)
+    assert all(torch.equal(plain_grads[n], weighted_grads[n]) for n in plain_grads)
+    with pytest.raises(ValueError, match="object_loss_weight"):
+        make_vla(object_loss_weight=1.0).pretrain_loss(obs, actions)  # no head and no object_state
+
+
+@pytest.mark.parametrize("freeze_backbone", [False, True])
+def test_object_loss_reaches_the_vision_tower_only_when_it_trains(freeze_backbone):
+    """The object term's gradient reaches the VLM's patch embedding when the backbone trains (the point of the
+    term: the flow loss alone left the tiny VLM blind), and nothing of a frozen one."""
+    policy = make_vla(freeze_backbone=freeze_backbone, object_loss_weight=1.0)
+    policy.add_object_head(7)
+    obs = dataclasses.replace(make_obs(12), object_state=torch.randn(BATCH, 7))
+    policy.pretrain_loss(obs, torch.zeros(BATCH, 4, ACTION_DIM))["object_state"].backward()
+    patches = policy.backbone.vlm.vision_model.embeddings.patch_embedding.weight
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.object_head.parameters())
+    if freeze_backbone:
+        assert patches.grad is None
+    else:
+        assert patches.grad is not None and patches.grad.abs().sum() > 0
+
+
+def test_state_noise_changes_the_pretraining_loss_only():
+    """``state_noise_std`` perturbs the state the pretraining loss sees; sampling and re-scoring are unchanged."""
+    plain, noisy = make_vla(), make_vla(state_noise_std=0.5)  # same seed: the same weights
+    obs, actions = make_obs(14), torch.rand(BATCH, 4, ACTION_DIM) - 0.5
+    losses = []
+    for policy in (plain, noisy):
+        torch.manual_seed(0)
+        losses.append(policy.pretrain_loss(obs, actions)["flow_matching"])
+    assert not torch.equal(losses[0], losses[1])
+    with torch.no_grad():
+        a = plain.sample(obs, generator=torch.Generator().manual_seed(1))
+        b = noisy.sample(obs, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(a.chain, b.chain) and torch.equal(a.log_prob, b.log_prob)
+        log_prob, _ = noisy.log_prob_and_entropy(obs, a.chain, a.stochastic)
+    torch.testing.assert_close(log_prob, a.log_prob)
+
+
+def test_prefix_summary_is_a_direct_path_from_the_pooled_prefix():
+    """With ``prefix_summary`` the expert's state token adds a linear map of the pooled prefix: zeroed, the policy
+    acts exactly as one without it; trained, the flow loss sends it gradient."""
+    plain, summary = make_vla(), make_vla(prefix_summary=True)
+    missing, unexpected = summary.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["expert.prefix_summary.bias", "expert.prefix_summary.weight"] and not unexpected
+    obs = make_obs(15)
+    with torch.no_grad():
+        torch.nn.init.zeros_(summary.expert.prefix_summary.weight)
+        torch.nn.init.zeros_(summary.expert.prefix_summary.bias)
+        a = plain.sample(obs, True, generator=torch.Generator().manual_seed(0))
+        b = summary.sample(obs, True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a.actions, b.actions)
+    summary.pretrain_loss(obs, torch.rand(BATCH, 4, ACTION_DIM))["flow_matching"].backward()
+    assert summary.expert.prefix_summary.weight.grad.abs().sum() > 0
+
+
 # ---- checkpoints ------------------------------------------------------------------------------------------
+
+
+def test_object_head_is_not_saved_and_not_needed_to_load(tmp_path):
+    """Pretraining removes the object head before saving: the checkpoint has no ``object_head`` weights, loads
+    into a policy built from its config (weight > 0 kept), and acts as the policy that was trained."""
+    policy = make_vla(freeze_backbone=False, object_loss_weight=1.0)
+    policy.add_object_head(7)
+    policy.remove_object_head()
+    path = save_policy(policy, tmp_path / "ckpt")
+    assert not any(k.startswith("object_head") for k in load_file(path / WEIGHTS_FILE))
+    loaded, _ = load_policy(path, obs_dim=STATE_DIM, action_dim=ACTION_DIM)
+    assert loaded.config.object_loss_weight == 1.0 and loaded.object_head is None
+    obs = make_obs(13)
+    with torch.no_grad():
+        a = policy.sample(obs, True, generator=torch.Generator().manual_seed(0))
+        b = loaded.sample(obs, True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a.actions, b.actions)
 
 
 @pytest.mark.parametrize("lora_rank", [0, 2])
@@ -471,6 +588,8 @@ def test_config_errors_name_the_field_and_the_allowed_values():
         VLAPolicyConfig(vlm_path="tiny", expert_width=30, expert_heads=4)
     with pytest.raises(ValueError, match=r"lora_rank > 0.*freeze_backbone=true"):
         VLAPolicyConfig(vlm_path="tiny", lora_rank=4, freeze_backbone=False)
+    with pytest.raises(ValueError, match=r"policy\.object_loss_weight must be >= 0.*got -1"):
+        VLAPolicyConfig(vlm_path="tiny", object_loss_weight=-1.0)
     with pytest.raises(ValueError, match=r"flow_sde.*denoising_steps >= 2, got 1"):
         VLAPolicyConfig(vlm_path="tiny", denoising_steps=1, noise=FlowNoiseConfig(scheme="flow_sde"))
     with pytest.raises(ValueError, match=r"lora_target_modules=\['nope'\]"):

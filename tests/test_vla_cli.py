@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from envs import make_env, make_vector_env
 from policies.vla_backbone import VLAObservation
@@ -41,7 +42,10 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_collect_pretrain_eval_end_to_end(tmp_path, datasets):
     pretrain = ["pretrain", f"pretrain.dataset={datasets['both']}", "pretrain.eval_episodes=1", *TINY_SFT]
-    assert main([*pretrain, f"run_dir={tmp_path / 'p'}", *TASK, *CAMERAS, *VLA]) == 0
+    # With the auxiliary object loss (and a trained VLM): its head trains but is not part of the checkpoint.
+    aux = ["policy.object_loss_weight=1.0", "policy.freeze_backbone=false"]
+    assert main([*pretrain, f"run_dir={tmp_path / 'p'}", *TASK, *CAMERAS, *VLA, *aux]) == 0
+    assert not any(key.startswith("object_head") for key in load_file(tmp_path / "p" / "final" / "model.safetensors"))
     checkpoint = json.loads((tmp_path / "p" / "final" / "config.json").read_text())
     assert checkpoint["policy_type"] == "vla" and checkpoint["obs_dim"] == 8  # the state, not [state, object_state]
     assert checkpoint["config"]["expert_width"] == 32 and checkpoint["config"]["vlm_path"] == "tiny"
@@ -121,5 +125,8 @@ def test_observation_adapter_feeds_state_and_image_policies(flow_policy_factory)
     assert inputs[torch.tensor([2])].images["wrist"].shape == (1, 8, 8, 3)
     np.testing.assert_allclose(stats["obs_mean"], [3, 4])
     assert stats["obs_std"].shape == (2,) and stats["action_min"].shape == (1,)
+    # The other dims (the objects' poses), z-scored over the dataset: the target of policy.object_loss_weight.
+    torch.testing.assert_close(inputs.object_state, torch.tensor([[-1.0], [0.0], [1.0]]) * (1.5**0.5))
+    assert inputs[torch.tensor([0, 2])].object_state.shape == (2, 1)
     inputs, stats = state.dataset_inputs(dataset)  # a state policy: the whole flat observation, as before
     assert torch.equal(inputs, torch.as_tensor(observations)) and stats["obs_mean"].shape == (3,)

@@ -27,7 +27,9 @@ from robo_rlft.observations import ObservationAdapter, stack_observations
 
 TASK = ["env=tabletop", "env.task=LiftCube", "progress=false"]
 CAMERAS = ["env.cameras=[agentview,wrist]", "env.image_size=32"]
+# The tiny preset trains its VLM in SFT; these tests check RL on a frozen one (and LoRA added to it).
 VLA = ["policy=vla_tiny", "policy.expert_width=32", "policy.expert_layers=1", "policy.denoising_steps=3"]
+VLA += ["policy.freeze_backbone=true"]
 ENV_ID = "robo_rlft/Tabletop-LiftCube-v0"
 ENV_KWARGS = {"cameras": ["agentview", "wrist"], "image_size": 32}
 # `robo-rlft finetune policy=vla` in a few seconds: 2 envs x 3 chunk steps, 2 minibatches, 2 epochs, 1 eval episode.

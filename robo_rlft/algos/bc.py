@@ -31,8 +31,10 @@ def pretrain_bc(cfg: Config, run_dir: Path, policy: torch.nn.Module, dataset: De
     moves each minibatch to its device).
     """
     pre, device = cfg.pretrain, torch.device(cfg.device)
-    obs, stats = ObservationAdapter.for_policy(policy).dataset_inputs(dataset)  # M rows: (M, obs_dim) or VLA
+    adapter = ObservationAdapter.for_policy(policy)
+    obs, stats = adapter.dataset_inputs(dataset)  # M rows: (M, obs_dim) or VLA
     policy.normalizer.load_state_dict(Normalizer.from_stats(stats).state_dict())
+    adapter.prepare_pretraining(policy, obs)  # e.g. the VLA's auxiliary object head, before the optimiser
     if isinstance(obs, torch.Tensor):
         obs = obs.to(device)
     _, chunks_np = dataset.action_chunks(policy.horizon)  # (M, H, A)
@@ -45,7 +47,7 @@ def pretrain_bc(cfg: Config, run_dir: Path, policy: torch.nn.Module, dataset: De
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
     metrics = MetricLogger(run_dir)
     bar = progress_bar(pre.gradient_steps // LOG_EVERY, "pretrain", enabled=cfg.progress)
-    running, tic = [], time.perf_counter()
+    running, running_terms, tic = [], {}, time.perf_counter()
     try:
         for step in range(1, pre.gradient_steps + 1):
             idx = torch.randint(len(chunks), (min(pre.batch_size, len(chunks)),), generator=generator).to(device)
@@ -64,21 +66,26 @@ def pretrain_bc(cfg: Config, run_dir: Path, policy: torch.nn.Module, dataset: De
                 for b_ema, b in zip(ema.buffers(), policy.buffers(), strict=True):
                     b_ema.copy_(b)
             running.append(loss.item())
+            for name, term in losses.items():
+                running_terms.setdefault(name, []).append(term.item())
             if step % LOG_EVERY == 0:
                 metrics.log(
                     step,
                     {
                         "iteration": step,
                         "train/bc_loss": float(np.mean(running)),
+                        **{f"train/loss_{name}": float(np.mean(values)) for name, values in running_terms.items()},
                         "train/lr": scheduler.get_last_lr()[0],
                         "time/update": time.perf_counter() - tic,
                     },
                 )
                 bar.advance(f"step {step} | loss {np.mean(running):.4f}")
-                running, tic = [], time.perf_counter()
+                running, running_terms, tic = [], {}, time.perf_counter()
     finally:
         bar.close()
         metrics.close()
     if not all(torch.isfinite(p).all() for p in ema.parameters()):
         raise FloatingPointError("EMA weights are not finite; pretraining diverged.")
+    adapter.finish_pretraining(policy)
+    adapter.finish_pretraining(ema)
     return ema
