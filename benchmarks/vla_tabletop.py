@@ -23,28 +23,17 @@ import csv
 import json
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from tabletop_rl import run, shown  # benchmarks/tabletop_rl.py: the same CLI runner
 
 from robo_rlft.stats import wilson_ci95
 
 ROBO = [sys.executable, "-m", "robo_rlft.cli"]
 FIXED_INIT_STATES = 50
 NOTES_MARKER = "<!-- notes: kept when the report is regenerated -->"
-
-
-def run(command: list[str], log: Path) -> float:
-    """Run one CLI command with its output into ``log``; returns the wall time in seconds."""
-    tic = time.perf_counter()
-    with open(log, "w") as f:
-        subprocess.run(command, check=True, stdout=f, stderr=subprocess.STDOUT)
-    return time.perf_counter() - tic
-
-
-def shown(argv: list[str]) -> str:
-    return shlex.join(["robo-rlft", *argv])
 
 
 def read_evals(run_dir: Path) -> tuple[list[dict], float]:

@@ -50,7 +50,7 @@ from policies.mlp import SinusoidalEmbedding
 from policies.noise import SCHEMES, FlowNoiseConfig, StepInputs
 
 # The VLA's cached-conditioning pieces: SmolVLA caches its prefix the same way, so re-scoring shares them.
-from policies.vla import VLAConditioning, _CachedConditioningView
+from policies.vla import VLAConditioning, VLAPolicy, _CachedConditioningView
 from policies.vla_backbone import CAMERA_IMAGE_KEYS, VLAObservation, require_vla_dependencies
 
 __all__ = ["SmolVLAPolicy", "SmolVLAPolicyConfig", "check_smolvlm_dir"]
@@ -548,16 +548,8 @@ class SmolVLAPolicy(nn.Module):
         self.configure_noise(settings.noise)
         return self
 
-    def configure_noise(self, config: FlowNoiseConfig) -> None:
-        """Switch the noise scheme; the same scheme and head shape keep a trained head's weights."""
-        if config.scheme == "flow_sde" and self.num_steps < 2:
-            raise ValueError(f"policy.noise.scheme='flow_sde' needs policy.denoising_steps >= 2, got {self.num_steps}.")
-        old = self.config.noise
-        fresh = self._build_scheme(config)
-        if (config.scheme, config.hidden_dims) == (old.scheme, old.hidden_dims):
-            fresh.load_state_dict(self.noise.state_dict())
-        self.noise = fresh.to(self.normalizer.obs_mean.device)
-        self.config = dataclasses.replace(self.config, noise=config)
+    # The same scheme switch as the VLA's (both keep their scheme in ``self.noise`` / ``config.noise``).
+    configure_noise = VLAPolicy.configure_noise
 
     # ---- inputs ----
     def _images(self, obs: VLAObservation) -> list[torch.Tensor]:
