@@ -3,13 +3,15 @@
     MUJOCO_GL=egl python benchmarks/vla_tabletop.py [--task LiftCube] [--episodes 300] [--demo-noise 0.1]
         [--image-size 64] [--pretrain-steps 5000] [--ppo-iterations 20] [--grpo-iterations 20]
         [--work-dir runs/bench_vla_tabletop] [--out benchmarks/results/vla_tabletop.md]
-        [--policy KEY=VALUE ...] [--ppo KEY=VALUE ...] [--grpo KEY=VALUE ...]
+        [--policy KEY=VALUE ...] [--rl-policy KEY=VALUE ...] [--ppo KEY=VALUE ...] [--grpo KEY=VALUE ...]
 
 Every step is the CLI command a user would type (printed in the report): ``collect`` records the scripted
 expert's demonstrations with both cameras and the instruction; ``pretrain`` fits ``policy=vla_tiny`` to them
 (flow matching plus the auxiliary object-pose loss of ``policy.object_loss_weight``, the VLM trained) and
 evaluates it on the task's 50 fixed init states; two ``finetune`` runs start from that one SFT checkpoint:
-PPO with ``flow_noise`` and GRPO with ``flow_noise``. Success rates are the deterministic evaluations on the 50
+PPO with ``flow_noise`` and GRPO with ``flow_noise``; ``--rl-policy`` gives both the policy's fine-tuning
+choices (by default ``freeze_backbone=true``: RL trains the action expert, the noise head and PPO's critic, not
+the VLM the SFT trained). Success rates are the deterministic evaluations on the 50
 fixed init states (Wilson 95 % CIs): the SFT policy's from ``pretrain``'s ``eval.json``, the fine-tuned ones
 from each run's ``metrics.csv`` (iteration 0 re-evaluates the SFT policy) and final ``eval.json``. The report
 also has the evaluation curves (PNG). Stages whose output exists are skipped (``--fresh`` reruns them), so a
@@ -58,6 +60,14 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench_vla_tabletop"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/vla_tabletop.md"))
     parser.add_argument("--policy", nargs="*", default=[], help="extra policy.* overrides of the SFT run")
+    parser.add_argument(
+        "--rl-policy",
+        nargs="*",
+        default=["freeze_backbone=true"],
+        help="policy.* fine-tuning choices of both RL runs (FINETUNE_FIELDS: freeze_backbone, noise.*); the SFT "
+        "trains the tiny VLM, RL trains only the action expert, the noise head and the critic unless "
+        "freeze_backbone=false",
+    )
     parser.add_argument("--ppo", nargs="*", default=[], help="extra overrides of the PPO run")
     parser.add_argument("--grpo", nargs="*", default=[], help="extra overrides of the GRPO run")
     parser.add_argument("--fresh", action="store_true", help="rerun every stage, even those already done")
@@ -74,7 +84,8 @@ def main() -> None:
     pretrain += [f"pretrain.eval_episodes={FIXED_INIT_STATES}", *(f"policy.{o}" for o in args.policy)]
     pretrain.append(f"run_dir={sft}")
     start = ["policy=vla_tiny", f"policy.pretrained={sft / 'final'}", *cameras]
-    start += ["policy.noise.scheme=flow_noise", f"algo.eval_episodes={FIXED_INIT_STATES}"]
+    start += ["policy.noise.scheme=flow_noise", *(f"policy.{o}" for o in args.rl_policy)]
+    start.append(f"algo.eval_episodes={FIXED_INIT_STATES}")
     # PPO: experiment=tabletop, the settings of the state-based tabletop benchmark (benchmarks/tabletop_rl.py).
     finetune_ppo = ["finetune", "experiment=tabletop", *start, f"algo.iterations={args.ppo_iterations}", *args.ppo]
     finetune_ppo.append(f"run_dir={ppo}")
@@ -168,9 +179,10 @@ def plot(runs: dict[str, list[dict]], sft_rate: float, path: Path, task: str) ->
         ax.plot(steps, rates, marker="o", label=label)
         ax.fill_between(steps, [b[0] for b in bounds], [b[1] for b in bounds], alpha=0.15)
     ax.axhline(sft_rate, color="grey", linestyle="--", label="SFT")
+    top = max([sft_rate, *(float(e["eval_success_rate"]) for evals in runs.values() for e in evals)])
     ax.set_xlabel("Environment steps")
     ax.set_ylabel(f"Success rate ({FIXED_INIT_STATES} fixed init states)")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, min(1.0, max(0.3, 2 * top)))
     ax.set_title(f"Tabletop {task}: RL fine-tuning of the tiny VLA (images + instruction)")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -301,7 +301,9 @@ class VLAPolicy(nn.Module):
     policy_type = "vla"
     # Takes images, state and instruction (a VLAObservation), not the flat state vector: robo_rlft.observations.
     observation_kind = "vla"
-    FINETUNE_FIELDS: tuple[str, ...] = ("noise",)
+    # Fine-tuning choices of a run (the rest of the config is the checkpoint's architecture): the noise scheme
+    # and its bounds, and whether RL trains the VLM (``freeze_backbone``; LoRA adapters train either way).
+    FINETUNE_FIELDS: tuple[str, ...] = ("noise", "freeze_backbone")
 
     def __init__(self, obs_dim: int, action_dim: int, config: VLAPolicyConfig, vlm_dir: str | Path | None = None):
         """Build the policy; ``vlm_dir`` (a checkpoint's ``vlm/`` folder) builds the VLM from its config alone,
@@ -354,10 +356,13 @@ class VLAPolicy(nn.Module):
                 inject_adapter_in_model(lora, self.backbone.vlm)
             except ValueError as err:
                 raise ValueError(f"policy.lora_target_modules={config.lora_target_modules}: {err}") from err
+        self._set_backbone_requires_grad()
+
+    def _set_backbone_requires_grad(self) -> None:
         for name, param in self.backbone.named_parameters():
             # Frozen: nothing trains; LoRA: only the adapters; unfrozen: the whole VLM.
-            param.requires_grad_(not config.freeze_backbone or "lora_" in name)
-        self._vlm_checkpointing = config.gradient_checkpointing and self.backbone_trainable
+            param.requires_grad_(not self.config.freeze_backbone or "lora_" in name)
+        self._vlm_checkpointing = self.config.gradient_checkpointing and self.backbone_trainable
         if self._vlm_checkpointing:
             self.backbone.vlm.activation_checkpointing_enable({"use_reentrant": False})
         self.train(self.training)
@@ -387,13 +392,24 @@ class VLAPolicy(nn.Module):
     def configure_finetuning(self, settings: Any) -> VLAPolicy:
         """Apply the fine-tuning fields (``FINETUNE_FIELDS``) of a run's policy config; returns the policy.
 
-        ``settings.lora_rank > 0`` on a checkpoint without adapters adds them (:meth:`add_lora`); with 0 the
-        checkpoint's own backbone training mode (frozen, or its adapters) is kept.
+        ``settings.freeze_backbone`` decides whether RL trains the VLM: ``true`` leaves only the action expert,
+        the noise head (and PPO's critic) to train, also from a checkpoint whose SFT trained the VLM
+        (``vla_tiny``); ``false`` trains the whole VLM. ``settings.lora_rank > 0`` on a checkpoint without
+        adapters adds them (:meth:`add_lora`); with 0 a checkpoint's own adapters are kept and train.
         """
         self.configure_noise(settings.noise)
+        self.set_freeze_backbone(settings.freeze_backbone)
         if settings.lora_rank > 0 and settings.lora_rank != self.config.lora_rank:
             self.add_lora(settings.lora_rank, settings.lora_alpha, settings.lora_target_modules)
         return self
+
+    def set_freeze_backbone(self, frozen: bool) -> None:
+        """Freeze the VLM (its prefix is then computed without grad) or let it train; LoRA adapters, if any,
+        train either way, and need the frozen backbone (``ValueError`` otherwise)."""
+        if frozen == self.config.freeze_backbone:
+            return
+        self.config = dataclasses.replace(self.config, freeze_backbone=frozen)  # validates against LoRA
+        self._set_backbone_requires_grad()
 
     def add_lora(self, rank: int, alpha: float, target_modules: list[str]) -> None:
         """Add LoRA adapters to the frozen VLM of a policy that has none (e.g. RL on a checkpoint pretrained with a

@@ -5,6 +5,7 @@ critic's input, and the rollout storage of image observations."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -142,6 +143,45 @@ def test_ppo_with_lora_trains_adapters_added_to_a_frozen_backbone_checkpoint(tmp
         module, _, name = key.rpartition(".")
         wrapped = f"{module}.base_layer.{name}"  # where LoRA moved an adapted layer's weight
         assert torch.equal(initial[key], final[key if key in final else wrapped]), key
+
+
+@pytest.fixture(scope="module")
+def vla_checkpoint_trained_vlm(tmp_path_factory: pytest.TempPathFactory, vla_checkpoint: Path) -> Path:
+    """As ``vla_checkpoint``, but its SFT trained the VLM (``freeze_backbone=false``, the ``vla_tiny`` preset)."""
+    root = tmp_path_factory.mktemp("vla_ft_unfrozen")
+    pretrain = ["pretrain", f"pretrain.dataset={vla_checkpoint.parents[1] / 'data' / 'dataset.npz'}"]
+    pretrain += ["pretrain.eval_episodes=0", "pretrain.gradient_steps=5", "pretrain.batch_size=8", f"run_dir={root}"]
+    assert main([*pretrain, *TASK, *CAMERAS, *VLA[:-1], "policy.freeze_backbone=false"]) == 0
+    assert load_policy(root / "final", "vla")[0].config.freeze_backbone is False
+    return root / "final"
+
+
+def test_freeze_backbone_is_a_finetuning_choice(tmp_path, vla_checkpoint_trained_vlm):
+    checkpoint = vla_checkpoint_trained_vlm
+    policy, _ = load_policy(checkpoint, "vla")
+    assert all(p.requires_grad for p in policy.backbone.parameters())
+    policy.configure_finetuning(dataclasses.replace(policy.config, freeze_backbone=True))
+    assert policy.config.freeze_backbone and not any(p.requires_grad for p in policy.backbone.parameters())
+    assert any(p.requires_grad for p in policy.expert.parameters())
+    assert all(p.requires_grad for p in policy.noise.parameters())
+    policy.configure_finetuning(dataclasses.replace(policy.config, freeze_backbone=False))
+    assert all(p.requires_grad for p in policy.backbone.parameters())
+    initial = load_file(checkpoint / "model.safetensors")
+    # PPO from that checkpoint with policy.freeze_backbone=true: the VLM's weights do not move, the expert's do.
+    frozen = tmp_path / "frozen"
+    assert _finetune(frozen, checkpoint, *TINY_PPO, "algo.iterations=1", "policy.freeze_backbone=true") == 0
+    (row,) = _rows(frozen)
+    assert abs(float(row["ratio_first_minibatch"]) - 1.0) < 1e-5 and float(row["approx_kl"]) > 0, row
+    final = load_file(frozen / "final" / "model.safetensors")
+    assert any(not torch.equal(initial[k], final[k]) for k in initial if k.startswith("expert."))
+    assert all(torch.equal(initial[k], final[k]) for k in initial if k.startswith("backbone."))
+    assert load_policy(frozen / "final", "vla")[0].config.freeze_backbone is True
+    assert "freeze_backbone: true" in (frozen / "config.yaml").read_text()
+    # With policy.freeze_backbone=false the same run trains the VLM too.
+    unfrozen = tmp_path / "unfrozen"
+    assert _finetune(unfrozen, checkpoint, *TINY_PPO, "algo.iterations=1", "policy.freeze_backbone=false") == 0
+    final = load_file(unfrozen / "final" / "model.safetensors")
+    assert any(not torch.equal(initial[k], final[k]) for k in initial if k.startswith("backbone."))
 
 
 def test_ppo_resume_of_a_vla_run_continues_exactly(tmp_path, vla_checkpoint):
