@@ -25,7 +25,7 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import numpy as np
 
@@ -334,7 +334,38 @@ def _guarded(topic: str, callback: Callable[[Any], None]) -> Callable[[Any], Non
     return guarded
 
 
-class RosTransportBase:
+class _RosSide:
+    """What both sides share: the topics, the message classes, the bus, reception stamping, and the lifecycle
+    (``close()`` is idempotent; publishing after it raises)."""
+
+    def __init__(self, topics: Topics, ros: RosMessages, bus: RosBus, clock: Callable[[], float]) -> None:
+        self.topics = topics
+        self.ros = ros
+        self.bus = bus
+        self._receiver = _Receiver(clock)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def close(self) -> None:
+        """Remove publishers and subscriptions and stop the node (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.bus.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__}: publish after close().")
+
+
+class RosTransportBase(_RosSide):
     """The policy side (:class:`~real_robot.transport.Transport`) over a :class:`RosBus`.
 
     Publishers are created at start, the shadow ones included: a publisher created at its first message loses
@@ -353,18 +384,13 @@ class RosTransportBase:
     """
 
     def __init__(self, topics: Topics, ros: RosMessages, bus: RosBus, clock: Callable[[], float]) -> None:
-        self.topics = topics
-        self.ros = ros
-        self.bus = bus
-        self._receiver = _Receiver(clock)
-        self._lock = threading.Lock()
+        super().__init__(topics, ros, bus, clock)
         self._joint_state: JointState | None = None
         self._images: dict[str, Image] = {}
         self._object_state: ObjectState | None = None
         self._estop_callbacks: list[Callable[[str], None]] = []
         self._control_callbacks: list[Callable[[str], None]] = []
         self._episode_callbacks: list[Callable[[EpisodeReport], None]] = []
-        self._closed = False
         try:
             self._publish: dict[str, Callable[[Any], None]] = {}
             for shadow in (False, True):
@@ -433,25 +459,10 @@ class RosTransportBase:
         with self._lock:
             self._episode_callbacks.append(callback)
 
-    def close(self) -> None:
-        """Remove publishers and subscriptions and stop the node (idempotent)."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self.bus.close()
-
-    def __enter__(self) -> RosTransportBase:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- internals (callbacks run on the backend's spin thread) ---------------------------------------------
 
     def _send(self, topic: str, msg: Any, shadow: bool) -> None:
-        if self._closed:
-            raise RuntimeError(f"{type(self).__name__}: publish after close().")
+        self._check_open()
         self._publish[self.topics.command_topic(topic, shadow)](msg)
 
     def _on_joint_state(self, msg: Any) -> None:
@@ -501,7 +512,7 @@ def _episode_from_msg(msg: Any, stamp: float) -> EpisodeReport:
         raise ValueError(f"EpisodeReport: not a report's JSON ({error}): {msg.data[:200]!r}") from error
 
 
-class RosRobotEndpointBase:
+class RosRobotEndpointBase(_RosSide):
     """The robot side (:class:`~real_robot.transport.RobotEndpoint`) over a :class:`RosBus`: publishes what a robot
     (and its cameras, perception, operator) would, and keeps the newest command received on the *real* command
     topics (never the shadow ones — like a controller).
@@ -526,17 +537,12 @@ class RosRobotEndpointBase:
         clock: Callable[[], float],
         joint_names: Sequence[str] = (),
     ) -> None:
-        self.topics = topics
+        super().__init__(topics, ros, bus, clock)
         self.joint_names = tuple(joint_names)
-        self.ros = ros
-        self.bus = bus
-        self._receiver = _Receiver(clock)
-        self._lock = threading.Lock()
         self._command: JointCommand | None = None
         self._trajectory: JointTrajectory | None = None
         self._pose: PoseStamped | None = None
         self._gripper: tuple[float, float] | None = None
-        self._closed = False
         try:
             self._publish_joint_state = bus.publisher(topics.joint_states, ros.JointState)
             self._publish_images = {
@@ -605,25 +611,7 @@ class RosRobotEndpointBase:
         with self._lock:
             return self._pose
 
-    def close(self) -> None:
-        """Remove publishers and subscriptions and stop the node (idempotent)."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self.bus.close()
-
-    def __enter__(self) -> RosRobotEndpointBase:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- internals (callbacks run on the backend's spin thread) ---------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"{type(self).__name__}: publish after close().")
 
     def _on_command(self, msg: Any) -> None:
         command = self._receiver.convert(
