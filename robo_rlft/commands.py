@@ -201,8 +201,6 @@ def finetune(cfg: Config, overrides: list[str]) -> None:
     _seed_everything(cfg)
     # Under torchrun: a data-parallel learner (robo_rlft.distributed); rank 0 alone writes the run directory.
     distributed = Distributed.from_env(cfg.device)
-    if distributed.enabled and cfg.algo.name != "ppo":
-        raise ValueError(f"The torchrun learner runs algo=ppo; for algo={cfg.algo.name} scale rollouts with scale=ray.")
     if cfg.resume:
         run_dir = Path(cfg.resume)
         saved = run_dir / CONFIG_FILE
@@ -245,7 +243,7 @@ def finetune(cfg: Config, overrides: list[str]) -> None:
         if cfg.algo.name == "ppo":
             result = train_ppo(cfg, run_dir, policy, resume=policy is None, distributed=distributed)
         else:
-            result = train_grpo(cfg, run_dir, policy, resume=policy is None)
+            result = train_grpo(cfg, run_dir, policy, resume=policy is None, distributed=distributed)
     finally:
         distributed.close()
     if distributed.is_main:

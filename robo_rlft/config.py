@@ -439,6 +439,8 @@ class ScaleConfig:
             ``ray://HOST:10001``: a remote cluster through Ray Client).
         cpus_per_worker: CPUs Ray reserves per worker.
         max_restarts: times Ray restarts a worker that died (its rollout is re-run from the same seeds).
+        fsdp: under ``torchrun``, shard the learner's policy (parameters, gradients, Adam state) across the ranks
+            with FSDP instead of replicating it (``robo_rlft.distributed``): for VLA-sized models.
     """
 
     backend: str = "local"
@@ -447,6 +449,7 @@ class ScaleConfig:
     address: str | None = None
     cpus_per_worker: float = 1.0
     max_restarts: int = 3
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("scale.backend", self.backend, SCALE_BACKENDS)

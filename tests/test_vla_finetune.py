@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from distributed_launch import torchrun_finetune
 from safetensors.torch import load_file
 
 import robo_rlft.algos.grpo as grpo
@@ -221,6 +222,20 @@ def test_grpo_finetunes_the_vla_and_groups_share_their_initial_state(tmp_path, v
         assert torch.equal(first.images["agentview"][2 * g], first.images["agentview"][2 * g + 1])
     assert not torch.equal(first.state[0], first.state[2]), "two groups start from the same state"
     assert rollout.obs[rollout.valid].batch_size == int(rollout.valid.sum())
+
+
+@pytest.mark.slow
+def test_ppo_under_torchrun_with_an_fsdp_sharded_vla_learner(tmp_path, vla_checkpoint):
+    run_dir = tmp_path / "run"
+    argv = [f"run_dir={run_dir}", "policy=vla", f"policy.pretrained={vla_checkpoint}", *TASK, *CAMERAS, *TINY_PPO]
+    result = torchrun_finetune(*argv, "algo.iterations=1", "scale.num_workers=2", "scale.fsdp=true", "torch_threads=1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (row,) = _rows(run_dir)
+    assert abs(float(row["ratio_first_minibatch"]) - 1.0) < 1e-5 and float(row["approx_kl"]) > 0, row
+    # The shards' update reached the saved policy; the frozen VLM stayed as it was.
+    initial, final = load_file(vla_checkpoint / "model.safetensors"), load_file(run_dir / "final" / "model.safetensors")
+    assert any(not torch.equal(initial[k], final[k]) for k in initial if k.startswith("expert."))
+    assert all(torch.equal(initial[k], final[k]) for k in initial if k.startswith("backbone."))
 
 
 def test_critic_input_is_the_pooled_prefix_or_expert_features_and_the_state(vla_checkpoint):

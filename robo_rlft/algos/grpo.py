@@ -32,6 +32,7 @@ from policies.checkpoint import save_policy
 from policies.vla_backbone import VLAObservation
 from robo_rlft.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from robo_rlft.config import Config, GRPOConfig
+from robo_rlft.distributed import Distributed
 from robo_rlft.evaluation import BestPolicyTracker, eval_metrics
 from robo_rlft.metrics import MetricLogger
 from robo_rlft.observations import ObservationAdapter, ObservationBuffer
@@ -285,13 +286,23 @@ def grpo_losses(
 # ---- training loop --------------------------------------------------------------------------------------------
 
 
-def train_grpo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: bool = False) -> dict[str, Any]:
+def train_grpo(
+    cfg: Config,
+    run_dir: Path,
+    policy: nn.Module | None,
+    resume: bool = False,
+    distributed: Distributed | None = None,
+) -> dict[str, Any]:
     """Fine-tune ``policy`` with GRPO; writes metrics, checkpoints, ``best/`` and ``final/`` to ``run_dir``.
 
     With ``resume=True`` the policy (pass None) and all training state come from the run's latest
-    checkpoint. Returns the last evaluation result.
+    checkpoint. Under ``torchrun`` (``distributed``), each rank collects whole groups (its rollout workers'),
+    computes their advantages, and takes its share of every minibatch; gradients are averaged across ranks and
+    rank 0 alone logs, evaluates and checkpoints. Returns the last evaluation result (``{}`` on other ranks).
     """
     algo, device = cfg.algo, torch.device(cfg.device)
+    distributed = distributed or Distributed()
+    main = distributed.is_main
     if not isinstance(algo, GRPOConfig):
         raise TypeError(f"train_grpo needs algo=grpo, got algo.name={getattr(algo, 'name', algo)!r}.")
     num_envs, group_size = cfg.env.num_envs, algo.group_size
@@ -311,20 +322,23 @@ def train_grpo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: boo
     policy.to(device).train()
     from robo_rlft.scale import make_rollout_workers  # (robo_rlft.scale runs this module's rollout)
 
-    workers = make_rollout_workers(cfg, policy)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=algo.actor_lr)  # no critic: the group is the baseline
+    workers = make_rollout_workers(cfg, policy, None, distributed)
+    # The module the optimiser trains: the policy, or its FSDP-sharded copy (scale.fsdp; robo_rlft.distributed).
+    learner = distributed.learner_policy(policy, cfg.scale.fsdp)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=algo.actor_lr)  # no critic: the group is the baseline
     if optim_state is not None:
-        optimizer.load_state_dict(optim_state["actor_optimizer"])
-    metrics = MetricLogger(run_dir, resume=resume, resume_iteration=start_iteration if resume else None)
+        distributed.load_optimizer_state(learner, optimizer, optim_state["actor_optimizer"])
     last_eval: dict[str, Any] = {}
-
     tracker = BestPolicyTracker.for_finetune(cfg, run_dir, device, best_return, cameras=adapter.uses_images)
-    if start_iteration == 0:
-        last_eval = tracker.log_start(policy, metrics)
+    metrics = None
+    if main:  # rank 0 writes the run's files
+        metrics = MetricLogger(run_dir, resume=resume, resume_iteration=start_iteration if resume else None)
+        if start_iteration == 0:
+            last_eval = tracker.log_start(policy, metrics)
 
     if optim_state is not None:
         torch.set_rng_state(optim_state["torch_rng"])  # last: nothing may draw random numbers after it
-    bar = progress_bar(algo.iterations, "finetune (grpo)", enabled=cfg.progress, completed=start_iteration)
+    bar = progress_bar(algo.iterations, "finetune (grpo)", enabled=cfg.progress and main, completed=start_iteration)
     try:
         for iteration in range(start_iteration, algo.iterations):
             # ---- rollout: G episodes from each group's seeded initial state ----
@@ -332,72 +346,93 @@ def train_grpo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: boo
             rollout = workers.collect_grpo(policy, iteration)
             time_rollout = time.perf_counter() - tic
             # Only the steps of the rollouts' episodes count; auto-reset steps of finished envs are discarded.
-            env_steps += int(rollout.lengths.sum())
+            env_steps += sum(distributed.gather([int(rollout.lengths.sum())]))
 
             # ---- group-relative advantages; dynamic sampling drops groups without signal ----
-            returns = torch.as_tensor(rollout.returns)  # (N,) float64
+            returns = torch.as_tensor(rollout.returns)  # (n,) float64: this rank's episodes (n = N on one process)
             success = None if rollout.success is None else torch.as_tensor(rollout.success)
-            advantages = group_advantages(returns, group_size).float()  # (N,)
+            advantages = group_advantages(returns, group_size).float()  # (n,)
             if algo.dynamic_sampling:
-                keep_group = groups_with_signal(returns, success, group_size)  # (num_groups,)
+                keep_group = groups_with_signal(returns, success, group_size)  # (n / G,)
             else:
-                keep_group = torch.ones(num_groups, dtype=torch.bool)
-            groups_dropped = int((~keep_group).sum())
+                keep_group = torch.ones(len(returns) // group_size, dtype=torch.bool)
+            groups_dropped = sum(distributed.gather([int((~keep_group).sum())]))
             used = rollout.valid & keep_group.repeat_interleave(group_size)[None]  # (T, N)
 
             # ---- update: epochs x minibatches over the kept chunk steps (B, ...) ----
             tic = time.perf_counter()
-            policy.train()
+            learner.train()
             b_obs = rollout.obs[used].to(device)  # (B, obs_dim), or a VLAObservation of B rows
             b_chains = rollout.chains[used].to(device)  # (B, K+1, H, A)
             b_stochastic = rollout.stochastic[used].to(device)  # (B, K)
             b_log_probs = rollout.log_probs[used].to(device)  # (B,)
             b_advantages = advantages[None].expand_as(used)[used].to(device)  # (B,): step of episode i gets A_i
             batch_size = b_chains.shape[0]
-            if batch_size == 0:
+            # Every rank cuts its batch into the same number of minibatches (distributed.MinibatchPlan).
+            plan = distributed.minibatch_plan(batch_size, algo.minibatch_size)
+            total_samples = sum(plan.global_sizes)
+            # FSDP's backward is a collective: a rank without a single sample cannot take part (rare: all of its
+            # groups dropped), so then every rank skips the update.
+            rank_idle = learner is not policy and distributed.any(batch_size == 0)
+            if total_samples == 0:
                 logger.info("Iteration %d: all %d groups had no signal; skipping the update.", iteration, num_groups)
-            minibatch = min(algo.minibatch_size, max(batch_size, 1))
+            elif rank_idle:
+                logger.warning("Iteration %d: a rank has no samples; skipping the sharded update.", iteration)
             ratio_first = math.nan
             kls, clip_fracs, policy_losses = [], [], []
             skipped = epochs_run = 0
-            for _epoch in range(algo.update_epochs if batch_size else 0):
+            for _epoch in range(0 if total_samples == 0 or rank_idle else algo.update_epochs):
                 epochs_run += 1
                 epoch_start = len(kls)
                 perm = torch.randperm(batch_size, device=device)
-                for start in range(0, batch_size, minibatch):
-                    mb = perm[start : start + minibatch]
-                    losses = grpo_losses(
-                        policy, b_obs[mb], b_chains[mb], b_stochastic[mb], b_log_probs[mb], b_advantages[mb], algo
-                    )
-                    if math.isnan(ratio_first):
-                        ratio_first = losses.ratio_mean
-                    if not torch.isfinite(losses.policy):
+                for index in range(plan.count):
+                    mb = perm[index * plan.size : (index + 1) * plan.size]
+                    weight = plan.weight(index, len(mb))
+                    if len(mb) == 0 and batch_size:  # a short rank: a zero-weight item keeps its backward in step
+                        mb = perm[:1]
+                    losses = None
+                    if len(mb):
+                        losses = grpo_losses(
+                            learner, b_obs[mb], b_chains[mb], b_stochastic[mb], b_log_probs[mb], b_advantages[mb], algo
+                        )
+                    if distributed.any(losses is not None and not torch.isfinite(losses.policy)):
                         skipped += 1
                         logger.warning("Non-finite loss at iteration %d; skipping this minibatch update.", iteration)
                         continue
                     optimizer.zero_grad()
-                    losses.policy.backward()
-                    nn.utils.clip_grad_norm_(policy.parameters(), algo.max_grad_norm)
+                    if losses is not None:
+                        (losses.policy * weight).backward()
+                    distributed.average_gradients(learner.parameters())
+                    nn.utils.clip_grad_norm_(learner.parameters(), algo.max_grad_norm)
                     optimizer.step()
+                    if losses is None or weight == 0:
+                        continue
+                    if math.isnan(ratio_first):
+                        ratio_first = losses.ratio_mean
                     kls.append(losses.approx_kl)
                     clip_fracs.append(losses.clip_fraction)
                     policy_losses.append(losses.policy.item())
-                # KL early stop: skip the remaining epochs once this epoch moved the policy too far.
-                epoch_kls = kls[epoch_start:]
+                # KL early stop: skip the remaining epochs once this epoch moved the policy too far (all ranks).
+                epoch_kls = distributed.gather(kls[epoch_start:])
                 if algo.target_kl is not None and epoch_kls and np.mean(epoch_kls) > algo.target_kl:
                     break
+            distributed.sync_policy(learner, policy)
+            distributed.check_identical(policy)
             time_update = time.perf_counter() - tic
+            returns_all = distributed.gather(rollout.returns.tolist())
+            lengths_all = distributed.gather(rollout.lengths.tolist())
+            success_all = None if rollout.success is None else distributed.gather(rollout.success.tolist())
 
             row: dict[str, float] = {
                 "iteration": iteration + 1,
                 "env_steps": env_steps,
-                "rollout/return_mean": float(rollout.returns.mean()),
-                "rollout/ep_len_mean": float(rollout.lengths.mean()),
+                "rollout/return_mean": float(np.mean(returns_all)),
+                "rollout/ep_len_mean": float(np.mean(lengths_all)),
                 "rollout/episodes": num_envs,
                 "rollout/groups": num_groups,
                 "rollout/groups_dropped": groups_dropped,
                 "rollout/noise_std_mean": rollout.noise_std_mean,
-                "train/samples": batch_size,
+                "train/samples": total_samples,
                 "train/approx_kl": float(np.mean(kls)) if kls else math.nan,
                 "train/clip_fraction": float(np.mean(clip_fracs)) if clip_fracs else math.nan,
                 "train/ratio_first_minibatch": ratio_first,
@@ -409,21 +444,26 @@ def train_grpo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: boo
                 "time/rollout": time_rollout,
                 "time/update": time_update,
             }
-            if rollout.success is not None:
-                row["rollout/success_rate"] = float(rollout.success.mean())
+            if success_all is not None:
+                row["rollout/success_rate"] = float(np.mean(success_all))
 
             done = iteration + 1 == algo.iterations
+            checkpoint_now = done or (iteration + 1) % algo.checkpoint_every == 0
+            # Every rank takes part in gathering sharded optimiser state; rank 0 writes it.
+            optimizer_state = distributed.optimizer_state(learner, optimizer) if checkpoint_now else None
+            if not main:  # logging, evaluation and checkpoints are rank 0's
+                continue
             if done or (algo.eval_every and (iteration + 1) % algo.eval_every == 0):
                 last_eval = tracker.evaluate(policy, iteration + 1)
                 row.update(eval_metrics(last_eval))
             metrics.log(env_steps, row)
-            if done or (iteration + 1) % algo.checkpoint_every == 0:
+            if checkpoint_now:
                 save_training_checkpoint(
                     run_dir,
                     iteration + 1,
                     policy,
                     None,  # critic-free
-                    {"actor_optimizer": optimizer.state_dict()},
+                    {"actor_optimizer": optimizer_state},
                     {"env_steps": env_steps, "best_return": tracker.best_return},
                     tracker.metadata,
                 )
@@ -435,7 +475,10 @@ def train_grpo(cfg: Config, run_dir: Path, policy: nn.Module | None, resume: boo
     finally:
         bar.close()
         workers.close()
-        metrics.close()
-    save_policy(policy, run_dir / "final", {**tracker.metadata, "iteration": algo.iterations})
-    metrics.plot(run_dir / "learning_curve.png")
+        if metrics is not None:
+            metrics.close()
+    if main:
+        save_policy(policy, run_dir / "final", {**tracker.metadata, "iteration": algo.iterations})
+        metrics.plot(run_dir / "learning_curve.png")
+    distributed.barrier()  # the other ranks return once the run's files are complete
     return last_eval

@@ -396,8 +396,11 @@ def train_ppo(
     from robo_rlft.scale import make_rollout_workers  # (robo_rlft.scale runs this module's rollout)
 
     workers = make_rollout_workers(cfg, policy, critic, distributed)
+    # The module the actor's optimiser trains: the policy, or its FSDP-sharded copy (scale.fsdp;
+    # robo_rlft.distributed), whose whole weights are copied back into the policy after every update.
+    learner = distributed.learner_policy(policy, cfg.scale.fsdp)
     # A VLA's frozen backbone has requires_grad=False: it never gets a gradient, so Adam leaves it alone.
-    actor_optimizer = torch.optim.Adam(policy.parameters(), lr=algo.actor_lr)
+    actor_optimizer = torch.optim.Adam(learner.parameters(), lr=algo.actor_lr)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=algo.critic_lr)
 
     def lr_factor(it: int) -> float:
@@ -406,7 +409,7 @@ def train_ppo(
     actor_scheduler = torch.optim.lr_scheduler.LambdaLR(actor_optimizer, lr_factor)
     critic_scheduler = torch.optim.lr_scheduler.LambdaLR(critic_optimizer, lr_factor)
     if optim_state is not None:
-        actor_optimizer.load_state_dict(optim_state["actor_optimizer"])
+        distributed.load_optimizer_state(learner, actor_optimizer, optim_state["actor_optimizer"])
         critic_optimizer.load_state_dict(optim_state["critic_optimizer"])
         actor_scheduler.load_state_dict(optim_state["actor_scheduler"])
         critic_scheduler.load_state_dict(optim_state["critic_scheduler"])
@@ -445,7 +448,7 @@ def train_ppo(
 
             # ---- update: epochs x minibatches of PPO samples (chains or transitions) of the batch ----
             tic = time.perf_counter()
-            policy.train()
+            learner.train()
             b_obs = rollout.obs.flat().to(device)  # (B, obs_dim), or a VLAObservation of B rows
             b_critic_inputs = rollout.critic_inputs.flatten(0, 1).to(device)  # (B, D)
             b_chains = rollout.chains.flatten(0, 1).to(device)  # (B, K+1, H, A)
@@ -474,7 +477,7 @@ def train_ppo(
                     picked = perm[start : start + minibatch]
                     mb = sample_rows[picked]
                     losses = ppo_losses(
-                        policy,
+                        learner,
                         critic,
                         b_obs[mb],
                         b_critic_inputs[mb],
@@ -499,11 +502,11 @@ def train_ppo(
                     loss.backward()
                     distributed.average_gradients(critic.parameters())
                     if train_actor:
-                        distributed.average_gradients(policy.parameters())
+                        distributed.average_gradients(learner.parameters())
                     nn.utils.clip_grad_norm_(critic.parameters(), algo.max_grad_norm)
                     critic_optimizer.step()
                     if train_actor:
-                        nn.utils.clip_grad_norm_(policy.parameters(), algo.max_grad_norm)
+                        nn.utils.clip_grad_norm_(learner.parameters(), algo.max_grad_norm)
                         actor_optimizer.step()
                     kls.append(losses.approx_kl)
                     clip_fracs.append(losses.clip_fraction)
@@ -518,6 +521,7 @@ def train_ppo(
             if train_actor:  # the actor's schedule starts after critic warm-up
                 actor_scheduler.step()
             critic_scheduler.step()
+            distributed.sync_policy(learner, policy)
             distributed.check_identical(policy, critic)
             time_update = time.perf_counter() - tic
 
@@ -548,20 +552,23 @@ def train_ppo(
                 row["rollout/success_rate"] = float(np.mean(finished_success))
 
             done = iteration + 1 == algo.iterations
+            checkpoint_now = done or (iteration + 1) % algo.checkpoint_every == 0
+            # Every rank takes part in gathering sharded optimiser state; rank 0 writes it.
+            actor_state = distributed.optimizer_state(learner, actor_optimizer) if checkpoint_now else None
             if not main:  # logging, evaluation and checkpoints are rank 0's
                 continue
             if done or (algo.eval_every and (iteration + 1) % algo.eval_every == 0):
                 last_eval = tracker.evaluate(policy, iteration + 1)
                 row.update(eval_metrics(last_eval))
             metrics.log(env_steps, row)
-            if done or (iteration + 1) % algo.checkpoint_every == 0:
+            if checkpoint_now:
                 save_training_checkpoint(
                     run_dir,
                     iteration + 1,
                     policy,
                     critic,
                     {
-                        "actor_optimizer": actor_optimizer.state_dict(),
+                        "actor_optimizer": actor_state,
                         "critic_optimizer": critic_optimizer.state_dict(),
                         "actor_scheduler": actor_scheduler.state_dict(),
                         "critic_scheduler": critic_scheduler.state_dict(),
