@@ -67,6 +67,22 @@ def _config_from_dict(config_cls: type, data: dict[str, Any]) -> Any:
     return config_cls(**kwargs)
 
 
+def tied_aliases(state: dict[str, torch.Tensor]) -> set[str]:
+    """The keys of ``state`` whose tensor is an earlier key's (tied weights, e.g. an LM head tied to its token
+    embedding): safetensors refuses to write shared tensors twice, and loading the first ties the others back."""
+    first: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    aliases = set()
+    for key, tensor in state.items():
+        if tensor.numel() == 0:  # empty tensors have no storage to share
+            continue
+        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if where in first:
+            aliases.add(key)
+        else:
+            first[where] = key
+    return aliases
+
+
 def save_policy(
     policy: torch.nn.Module,
     path: str | Path,
@@ -77,7 +93,8 @@ def save_policy(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    state = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
+    tied = tied_aliases(policy.state_dict())  # written once, under the first of their names
+    state = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items() if k not in tied}
     # A frozen base network (DPPO's early denoising steps) is part of the fine-tuned policy's behaviour.
     if getattr(policy, "base_model", None) is not None:
         state.update(
@@ -176,7 +193,8 @@ def load_policy(
     weights.update({_NORMALIZER_PREFIX + k: v for k, v in load_file(path / NORMALIZATION_FILE).items()})
     base = {k[len(_BASE_PREFIX) :]: weights.pop(k) for k in list(weights) if k.startswith(_BASE_PREFIX)}
     expected = policy.state_dict()
-    missing = [k for k in expected if k not in weights and not k.startswith(_OPTIONAL_PREFIXES)]
+    tied = tied_aliases(expected)
+    missing = [k for k in expected if k not in weights and k not in tied and not k.startswith(_OPTIONAL_PREFIXES)]
     unexpected = [k for k in weights if k not in expected]
     wrong_shape = [
         f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"

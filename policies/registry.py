@@ -5,6 +5,7 @@ from __future__ import annotations
 from policies.diffusion import DiffusionPolicy, DiffusionPolicyConfig
 from policies.flow import FlowPolicy, FlowPolicyConfig
 from policies.gaussian import GaussianPolicy, GaussianPolicyConfig
+from policies.pi0 import PI0Policy, PI0PolicyConfig
 from policies.smolvla import SmolVLAPolicy, SmolVLAPolicyConfig
 from policies.vla import VLAPolicy, VLAPolicyConfig
 
@@ -14,6 +15,9 @@ POLICIES: dict[str, tuple[type, type]] = {
     "gaussian": (GaussianPolicy, GaussianPolicyConfig),
     "vla": (VLAPolicy, VLAPolicyConfig),
     "smolvla": (SmolVLAPolicy, SmolVLAPolicyConfig),
+    # One implementation, two LeRobot families (PI0PolicyConfig.variant): π0 and π0.5.
+    "pi0": (PI0Policy, PI0PolicyConfig),
+    "pi05": (PI0Policy, PI0PolicyConfig),
 }
 
 

@@ -62,7 +62,21 @@ VLM_DIR = "vlm"
 # LeRobot's NormalizerProcessorStep adds this to the std (normalising only; unnormalising multiplies by std).
 LEROBOT_NORM_EPS = 1e-8
 # The normalisation modes of LeRobot checkpoints this policy reproduces (not QUANTILES / QUANTILE10).
-_NORM_MODES = ["MEAN_STD", "MIN_MAX", "IDENTITY"]
+SMOLVLA_NORM_MODES = ["MEAN_STD", "MIN_MAX", "IDENTITY"]
+
+
+def check_camera_features(cameras: list[str], image_keys: list[str]) -> None:
+    """Refuse ``cameras`` that are not distinct known env cameras, one per checkpoint image feature (``image_keys``)."""
+    unknown = [c for c in cameras if c not in CAMERA_IMAGE_KEYS]
+    if not cameras or unknown or len(set(cameras)) != len(cameras):
+        raise ValueError(
+            f"policy.cameras={cameras} must be a non-empty list of distinct names from {list(CAMERA_IMAGE_KEYS)}."
+        )
+    if len(image_keys) != len(cameras):
+        raise ValueError(
+            f"policy.cameras={cameras} must name one env camera per checkpoint image feature "
+            f"policy.image_keys={image_keys} (in that order)."
+        )
 
 
 @dataclass
@@ -126,17 +140,7 @@ class SmolVLAPolicyConfig:
                 f"policy.env_action_dim={self.env_action_dim} must be in [0, policy.max_action_dim="
                 f"{self.max_action_dim}] (0: the checkpoint's action size)."
             )
-        unknown = [c for c in self.cameras if c not in CAMERA_IMAGE_KEYS]
-        if not self.cameras or unknown or len(set(self.cameras)) != len(self.cameras):
-            raise ValueError(
-                f"policy.cameras={self.cameras} must be a non-empty list of distinct names from "
-                f"{list(CAMERA_IMAGE_KEYS)}."
-            )
-        if len(self.image_keys) != len(self.cameras):
-            raise ValueError(
-                f"policy.cameras={self.cameras} must name one env camera per checkpoint image feature "
-                f"policy.image_keys={self.image_keys} (in that order)."
-            )
+        check_camera_features(self.cameras, self.image_keys)
         if len(self.image_size) != 2 or min(self.image_size) < 1:
             raise ValueError(f"policy.image_size must be [width, height], got {self.image_size}.")
         if self.pad_language_to not in ("longest", "max_length"):
@@ -153,8 +157,10 @@ class SmolVLAPolicyConfig:
                 "add_image_special_tokens and prefix_length > 0 are not supported yet (no published SmolVLA uses them)."
             )
         for name in ("state_norm", "action_norm"):
-            if getattr(self, name) not in _NORM_MODES:
-                raise ValueError(f"policy.{name}={getattr(self, name)!r} is not allowed; choose one of {_NORM_MODES}.")
+            if getattr(self, name) not in SMOLVLA_NORM_MODES:
+                raise ValueError(
+                    f"policy.{name}={getattr(self, name)!r} is not allowed; choose one of {SMOLVLA_NORM_MODES}."
+                )
         if self.noise.scheme == "flow_sde" and self.denoising_steps < 2:
             raise ValueError(
                 f"policy.noise.scheme='flow_sde' needs policy.denoising_steps >= 2, got {self.denoising_steps}."
@@ -222,7 +228,7 @@ class SmolVLANormalizer(nn.Module):
 # ---- the model: LeRobot's module tree ---------------------------------------------------------------------
 
 
-def _apply_rope(x: torch.Tensor, positions: torch.Tensor, max_wavelength: float = 10_000.0) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, max_wavelength: float = 10_000.0) -> torch.Tensor:
     """Rotary embedding of ``x (B, L, heads, D)`` at ``positions (B, L)``, computed in float32.
 
     SmolVLA applies its own RoPE (base 10,000, halves rotated) instead of the VLM's configured one.
@@ -235,7 +241,16 @@ def _apply_rope(x: torch.Tensor, positions: torch.Tensor, max_wavelength: float 
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def _attention(
+def sincos_time_embedding(tau: torch.Tensor, width: int, min_period: float, max_period: float) -> torch.Tensor:
+    """``tau (N,)`` LeRobot time -> ``(N, width)`` sine-cosine embedding, periods log-spaced from min to max, computed
+    in float64 (openpi's ``create_sinusoidal_pos_embedding``)."""
+    fraction = torch.linspace(0.0, 1.0, width // 2, dtype=torch.float64, device=tau.device)
+    period = min_period * (max_period / min_period) ** fraction
+    angle = (2 * math.pi / period)[None] * tau[:, None]  # (N, width/2)
+    return torch.cat([angle.sin(), angle.cos()], dim=1).float()
+
+
+def attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, num_heads: int
 ) -> torch.Tensor:
     """Grouped-query attention ``q (B, T, heads, D)``, ``k/v (B, S, kv_heads, D)``, ``mask (B, T, S)`` bool
@@ -373,9 +388,9 @@ class SmolVLMWithExpert(nn.Module):
         hidden = embeds
         for layer in self.vlm.model.text_model.layers:
             query, key, value = self._qkv(layer, hidden)
-            query, key = _apply_rope(query, positions), _apply_rope(key, positions)
+            query, key = apply_rope(query, positions), apply_rope(key, positions)
             cache.append((key, value))
-            hidden = self._finish(layer, hidden, _attention(query, key, value, mask_2d, self.num_heads))
+            hidden = self._finish(layer, hidden, attention(query, key, value, mask_2d, self.num_heads))
         return cache, self.vlm.model.text_model.norm(hidden)
 
     def expert_forward(
@@ -399,16 +414,16 @@ class SmolVLMWithExpert(nn.Module):
                 continue
             if self.is_self_attn_layer(index):
                 query, key, value = self._qkv(layer, hidden)
-                query, key = _apply_rope(query, self_positions), _apply_rope(key, self_positions)
+                query, key = apply_rope(query, self_positions), apply_rope(key, self_positions)
                 key, value = torch.cat([prefix_key, key], dim=1), torch.cat([prefix_value, value], dim=1)
-                attended = _attention(query, key, value, full_mask, self.num_heads)
+                attended = attention(query, key, value, full_mask, self.num_heads)
             else:
                 normed = layer.input_layernorm(hidden)
                 attn = layer.self_attn
-                query = _apply_rope(attn.q_proj(normed).view(batch, horizon, -1, attn.head_dim), cross_positions)
+                query = apply_rope(attn.q_proj(normed).view(batch, horizon, -1, attn.head_dim), cross_positions)
                 key = attn.k_proj(prefix_key.flatten(2)).view(*prefix_key.shape[:2], -1, attn.head_dim)
                 value = attn.v_proj(prefix_value.flatten(2)).view(*prefix_value.shape[:2], -1, attn.head_dim)
-                attended = _attention(query, key, value, cross_mask, self.num_heads)
+                attended = attention(query, key, value, cross_mask, self.num_heads)
             hidden = self._finish(layer, hidden, attended)
         return self.lm_expert.norm(hidden)
 
@@ -428,12 +443,8 @@ class SmolVLAFlowModel(nn.Module):
         self.min_period, self.max_period = config.min_period, config.max_period
 
     def time_embedding(self, tau: torch.Tensor) -> torch.Tensor:
-        """``tau (N,)`` LeRobot time -> ``(N, W)`` sine-cosine embedding (periods from min to max, in float64)."""
-        width = self.vlm_with_expert.expert_width
-        fraction = torch.linspace(0.0, 1.0, width // 2, dtype=torch.float64, device=tau.device)
-        period = self.min_period * (self.max_period / self.min_period) ** fraction
-        angle = (2 * math.pi / period)[None] * tau[:, None]  # (N, W/2)
-        return torch.cat([angle.sin(), angle.cos()], dim=1).float()
+        """``tau (N,)`` LeRobot time -> ``(N, W)`` sine-cosine embedding."""
+        return sincos_time_embedding(tau, self.vlm_with_expert.expert_width, self.min_period, self.max_period)
 
     def velocity(
         self, x: torch.Tensor, tau: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor

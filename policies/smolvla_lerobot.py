@@ -15,23 +15,26 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
 
+from policies.lerobot_checkpoint import (
+    ACTION_FEATURE,
+    IMAGE_PREFIX,
+    LEROBOT_CONFIG,
+    LEROBOT_WEIGHTS,
+    POSTPROCESSOR_CONFIG,
+    PREPROCESSOR_CONFIG,
+    STATE_FEATURE,
+    check_env_dims,
+    lerobot_policy_type,
+    normalization_stats,
+)
 from policies.smolvla import LEROBOT_NORM_EPS, SmolVLAPolicy, SmolVLAPolicyConfig, check_smolvlm_dir
 
 __all__ = ["export_lerobot_checkpoint", "is_lerobot_checkpoint", "load_lerobot_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
-# LeRobot's checkpoint files.
-LEROBOT_CONFIG = "config.json"
-LEROBOT_WEIGHTS = "model.safetensors"
-PREPROCESSOR_CONFIG = "policy_preprocessor.json"
-POSTPROCESSOR_CONFIG = "policy_postprocessor.json"
-STATE_FEATURE = "observation.state"
-ACTION_FEATURE = "action"
-IMAGE_PREFIX = "observation.images."
 # The LeRobot config fields that define the architecture, copied into SmolVLAPolicyConfig under the same names.
 _LEROBOT_ARCH_FIELDS = (
     "max_state_dim",
@@ -52,33 +55,7 @@ _LEROBOT_ARCH_FIELDS = (
 
 def is_lerobot_checkpoint(path: str | Path) -> bool:
     """``path`` is a LeRobot SmolVLA checkpoint (``config.json`` with ``"type": "smolvla"`` + weights)."""
-    path = Path(path)
-    config = path / LEROBOT_CONFIG
-    if not (config.is_file() and (path / LEROBOT_WEIGHTS).is_file()):
-        return False
-    try:
-        return json.loads(config.read_text()).get("type") == "smolvla"
-    except json.JSONDecodeError:
-        return False
-
-
-def _processor_stats(path: Path, config_file: str, step_name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """The stats tensors and config of the ``step_name`` step of a LeRobot processor pipeline file."""
-    pipeline_file = path / config_file
-    if not pipeline_file.is_file():
-        raise FileNotFoundError(
-            f"LeRobot checkpoint {str(path)!r} has no {config_file}: SmolVLA's normalisation stats live in its "
-            "pre/post-processor files (LeRobot >= 0.4 writes them beside model.safetensors)."
-        )
-    steps = json.loads(pipeline_file.read_text())["steps"]
-    for step in steps:
-        if step.get("registry_name") == step_name:
-            state_file = step.get("state_file")
-            stats = load_file(path / state_file) if state_file else {}
-            return stats, step.get("config", {})
-    raise ValueError(
-        f"{str(pipeline_file)!r} has no {step_name!r} step; its steps: {[s.get('registry_name') for s in steps]}."
-    )
+    return lerobot_policy_type(path) == "smolvla"
 
 
 def _lerobot_policy_config(lerobot: dict[str, Any], settings: Any | None) -> SmolVLAPolicyConfig:
@@ -149,41 +126,16 @@ def load_lerobot_checkpoint(
     if settings_vlm:
         config = dataclasses.replace(config, vlm_path=settings_vlm)
     check_smolvlm_dir(Path(config.vlm_path), "policy.vlm_path", checkpoint=None if settings_vlm else path)
-    ckpt_state = lerobot["input_features"][STATE_FEATURE]["shape"][0]
-    ckpt_action = lerobot["output_features"][ACTION_FEATURE]["shape"][0]
-    for name, want, have in (("state", state_dim, ckpt_state), ("action", action_dim, ckpt_action)):
-        if want is not None and want != have:
-            raise ValueError(
-                f"LeRobot checkpoint {str(path)!r} was trained with a {have}-D {name}, but the env's {name} has "
-                f"{want} dims."
-            )
+    ckpt_state, _ = check_env_dims(path, lerobot, state_dim, action_dim)
     if action_dim is not None and config.env_action_dim != action_dim:
         config = dataclasses.replace(config, env_action_dim=action_dim)
 
     # Normalisation stats: the preprocessor normalises the state, the postprocessor unnormalises the action.
-    pre, _ = _processor_stats(path, PREPROCESSOR_CONFIG, "normalizer_processor")
-    post, _ = _processor_stats(path, POSTPROCESSOR_CONFIG, "unnormalizer_processor")
-    needed = {"MEAN_STD": ("mean", "std"), "MIN_MAX": ("min", "max"), "IDENTITY": ()}
-    wanted = [(pre, STATE_FEATURE, config.state_norm, PREPROCESSOR_CONFIG)]
-    wanted.append((post, ACTION_FEATURE, config.action_norm, POSTPROCESSOR_CONFIG))
-    missing = [
-        f"{feature}.{stat} ({source})"
-        for stats, feature, mode, source in wanted
-        for stat in needed[mode]
-        if f"{feature}.{stat}" not in stats
-    ]
-    if missing:
-        raise KeyError(
-            f"LeRobot checkpoint {str(path)!r}: the processor files lack normalisation stats {missing} of the "
-            f"features SmolVLA uses (state mode {config.state_norm}, action mode {config.action_norm})."
-        )
-
     policy = SmolVLAPolicy(ckpt_state, config.max_action_dim, config)
-    policy.normalizer.load_stats(
-        {s: pre[f"{STATE_FEATURE}.{s}"] for s in needed[config.state_norm]},
-        {s: post[f"{ACTION_FEATURE}.{s}"][: policy.env_action_dim] for s in needed[config.action_norm]},
-        (config.state_norm, config.action_norm),
+    state_stats, action_stats = normalization_stats(
+        path, config.state_norm, config.action_norm, policy.env_action_dim, "SmolVLA"
     )
+    policy.normalizer.load_stats(state_stats, action_stats, (config.state_norm, config.action_norm))
     weights = load_file(path / LEROBOT_WEIGHTS)
     expected = {k: v for k, v in policy.state_dict().items() if k.startswith("model.")}
     missing_keys = [k for k in expected if k not in weights]

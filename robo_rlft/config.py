@@ -21,6 +21,7 @@ from policies.critic import CriticConfig
 from policies.diffusion import DiffusionPolicyConfig
 from policies.flow import FlowPolicyConfig
 from policies.gaussian import GaussianPolicyConfig
+from policies.pi0 import PI0PolicyConfig
 from policies.smolvla import SmolVLAPolicyConfig
 from policies.vla import VLAPolicyConfig
 from real_robot.transport import Topics
@@ -229,6 +230,48 @@ class SmolVLAPolicySection(SmolVLAPolicyConfig, RunPolicyFields):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("policy.name", self.name, ["smolvla"])
+        _check_choice("policy.critic_input", self.critic_input, ["prefix", "expert"])
+
+
+@dataclass
+class PI0PolicySection(PI0PolicyConfig, RunPolicyFields):
+    """``policy=pi0``: LeRobot's π0 (``policies.pi0.PI0PolicyConfig``), started from a LeRobot checkpoint
+    (``policy.pretrained=PATH``: ``config.json`` + ``model.safetensors`` + processor files).
+
+    The architecture comes from the checkpoint; the run chooses ``tokenizer_path`` (PaliGemma's tokenizer on this
+    machine; LeRobot checkpoints have none), ``cameras`` (our env cameras, in the order of the checkpoint's image
+    features), ``dtype``, the noise scheme and the critic.
+
+    Attributes:
+        critic_input: what PPO's critic sees besides the normalised state: ``prefix`` (the pooled PaliGemma prefix)
+            or ``expert`` (the action expert's pooled features).
+    """
+
+    name: str = "pi0"
+    critic_input: str = "prefix"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("policy.name", self.name, ["pi0"])
+        _check_choice("policy.variant", self.variant, ["pi0"])
+        _check_choice("policy.critic_input", self.critic_input, ["prefix", "expert"])
+
+
+@dataclass
+class PI05PolicySection(PI0PolicySection):
+    """``policy=pi05``: LeRobot's π0.5 (the same implementation with ``variant=pi05``; LeRobot's defaults: a 200-token
+    prompt that carries the discretised state, quantile normalisation)."""
+
+    name: str = "pi05"
+    variant: str = "pi05"
+    tokenizer_max_length: int = 200
+    state_norm: str = "QUANTILES"
+    action_norm: str = "QUANTILES"
+
+    def __post_init__(self) -> None:
+        PI0PolicyConfig.__post_init__(self)
+        _check_choice("policy.name", self.name, ["pi05"])
+        _check_choice("policy.variant", self.variant, ["pi05"])
         _check_choice("policy.critic_input", self.critic_input, ["prefix", "expert"])
 
 
@@ -646,7 +689,7 @@ class Config:
                 f"env.num_envs={self.env.num_envs} must be a multiple of algo.group_size={self.algo.group_size} "
                 "(each group of rollouts shares one initial state)."
             )
-        if self.policy.name in ("vla", "smolvla"):  # image policies: the env must render their cameras
+        if self.policy.name in ("vla", "smolvla", "pi0", "pi05"):  # image policies: the env must render their cameras
             missing = [camera for camera in self.policy.cameras if camera not in self.env.cameras]
             if missing:
                 raise ValueError(
@@ -671,6 +714,8 @@ POLICY_SECTIONS: dict[str, type] = {
     "gaussian": GaussianPolicySection,
     "vla": VLAPolicySection,
     "smolvla": SmolVLAPolicySection,
+    "pi0": PI0PolicySection,
+    "pi05": PI05PolicySection,
 }
 
 
