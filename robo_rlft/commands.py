@@ -6,10 +6,14 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import platform
 import random
 import signal
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,7 +161,8 @@ def collect(cfg: Config, overrides: list[str]) -> None:
 
 
 def pretrain(cfg: Config, overrides: list[str]) -> None:
-    """Behaviour-clone ``policy`` on ``pretrain.dataset``; writes ``final/`` and ``eval.json``."""
+    """Behaviour-clone ``policy`` on ``pretrain.dataset``, from scratch or from ``policy.pretrained`` (a checkpoint
+    of ours or a LeRobot SmolVLA); writes ``final/`` and ``eval.json``."""
     from robo_rlft.algos.bc import pretrain_bc
     from robo_rlft.data import load_dataset
     from robo_rlft.evaluation import evaluate_policy, policy_metadata
@@ -169,11 +174,23 @@ def pretrain(cfg: Config, overrides: list[str]) -> None:
     data_env = dataset.meta.get("env")
     if data_env is not None and resolve_env_id(data_env) != resolve_env_id(cfg.env.env_id):
         raise ValueError(f"Dataset was recorded on env {data_env!r} but the config's env is {cfg.env.env_id!r}.")
-    adapter = ObservationAdapter.for_policy(policy_classes(cfg.policy.name)[0], cfg.policy)
+    model_cls = policy_classes(cfg.policy.name)[0]
+    adapter = ObservationAdapter.for_policy(model_cls, cfg.policy)
     obs_dim, action_dim = _env_dims(cfg.env.env_id, cfg.env.make_kwargs(), adapter)
     adapter.check_dataset(dataset, cfg.env.env_id, obs_dim, action_dim, cfg.env.image_size)
+    pretrained = cfg.policy.pretrained
+    if pretrained is None:
+        policy = _new_policy(cfg, obs_dim, action_dim)
+    else:
+        # SFT continues from a checkpoint: another framework's (a LeRobot SmolVLA) or ours. Its normaliser is reset
+        # from this dataset (robo_rlft.algos.bc.set_normalizer_from_dataset).
+        if hasattr(model_cls, "accepts_external_checkpoint") and model_cls.accepts_external_checkpoint(pretrained):
+            policy = model_cls.from_external_checkpoint(pretrained, obs_dim, action_dim, cfg.policy)
+        else:
+            policy, _ = load_policy(resolve_checkpoint(pretrained), cfg.policy.name, obs_dim, action_dim)
+        cfg = _with_checkpoint_architecture(cfg, policy)
     run_dir = _setup(cfg, "pretrain")
-    policy = pretrain_bc(cfg, run_dir, _new_policy(cfg, obs_dim, action_dim), dataset)
+    policy = pretrain_bc(cfg, run_dir, policy, dataset)
     metadata = {
         **policy_metadata(cfg, "robo-rlft pretrain", cameras=adapter.uses_images),
         "dataset": str(cfg.pretrain.dataset),
@@ -201,6 +218,8 @@ def finetune(cfg: Config, overrides: list[str]) -> None:
     _seed_everything(cfg)
     # Under torchrun: a data-parallel learner (robo_rlft.distributed); rank 0 alone writes the run directory.
     distributed = Distributed.from_env(cfg.device)
+    if distributed.enabled and cfg.scale.learner == "actor":
+        raise ValueError("Under torchrun the learner is torchrun's processes: use scale.learner=driver.")
     if cfg.resume:
         run_dir = Path(cfg.resume)
         saved = run_dir / CONFIG_FILE
@@ -239,15 +258,36 @@ def finetune(cfg: Config, overrides: list[str]) -> None:
         policy = policy.configure_finetuning(cfg.policy)
         cfg = _with_checkpoint_architecture(cfg, policy)
         run_dir = distributed.broadcast(_setup(cfg, "finetune") if distributed.is_main else None)
+    train = train_ppo if cfg.algo.name == "ppo" else train_grpo
     try:
-        if cfg.algo.name == "ppo":
-            result = train_ppo(cfg, run_dir, policy, resume=policy is None, distributed=distributed)
+        if cfg.scale.learner == "actor":
+            from robo_rlft.scale import run_in_learner_actor
+
+            args = (train, cfg, run_dir, torch.get_rng_state(), policy, policy is None)
+            result = run_in_learner_actor(cfg.scale, _learn_in_actor, *args)
         else:
-            result = train_grpo(cfg, run_dir, policy, resume=policy is None, distributed=distributed)
+            result = train(cfg, run_dir, policy, resume=policy is None, distributed=distributed)
     finally:
         distributed.close()
     if distributed.is_main:
         _write_eval(run_dir, result)
+
+
+def _learn_in_actor(
+    train: Callable[..., dict[str, Any]],
+    cfg: Config,
+    run_dir: Path,
+    rng_state: torch.Tensor,
+    policy: torch.nn.Module | None,
+    resume: bool,
+) -> dict[str, Any]:
+    """The learner's start in its Ray actor (``scale.learner=actor``): the driver's seeds and torch RNG stream, so
+    the run is the one the driver would have made, and the run's log file."""
+    _seed_everything(cfg)
+    torch.set_rng_state(rng_state)
+    _log_to(run_dir / "finetune.log")
+    logger.info("The learner runs in a Ray actor (pid %d on %s).", os.getpid(), platform.node())
+    return train(cfg, run_dir, policy, resume=resume)
 
 
 def _with_checkpoint_architecture(cfg: Config, policy: torch.nn.Module) -> Config:

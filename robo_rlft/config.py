@@ -484,6 +484,9 @@ class ScaleConfig:
         max_restarts: times Ray restarts a worker that died (its rollout is re-run from the same seeds).
         fsdp: under ``torchrun``, shard the learner's policy (parameters, gradients, Adam state) across the ranks
             with FSDP instead of replicating it (``robo_rlft.distributed``): for VLA-sized models.
+        learner: where the learner (updates, evaluation, checkpoints) runs: ``driver`` (this process) or ``actor``
+            (a Ray actor with ``learner_cpus`` CPUs and ``learner_gpus`` GPUs; ``backend=ray`` only), e.g. on a
+            cluster's GPU node while the driver is a laptop connected through ``ray://``.
     """
 
     backend: str = "local"
@@ -493,10 +496,21 @@ class ScaleConfig:
     cpus_per_worker: float = 1.0
     max_restarts: int = 3
     fsdp: bool = False
+    learner: str = "driver"
+    learner_cpus: float = 1.0
+    learner_gpus: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("scale.backend", self.backend, SCALE_BACKENDS)
-        _check_positive("scale", self, "num_workers", "cpus_per_worker")
+        _check_choice("scale.learner", self.learner, ["driver", "actor"])
+        _check_positive("scale", self, "num_workers", "cpus_per_worker", "learner_cpus")
+        if self.learner_gpus < 0:
+            raise ValueError(f"scale.learner_gpus must be >= 0, got {self.learner_gpus}.")
+        if self.learner == "actor" and self.backend != "ray":
+            raise ValueError(
+                f"scale.learner=actor runs the learner in a Ray actor: it needs scale=ray (got "
+                f"scale.backend={self.backend!r})."
+            )
         if self.envs_per_worker is not None:
             _check_positive("scale", self, "envs_per_worker")
         if self.max_restarts < 0:
@@ -671,6 +685,11 @@ class Config:
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device={self.device!r} is not allowed; use 'cpu' or 'cuda[:N]'.")
         scale = self.scale
+        if scale.learner == "actor" and self.device.startswith("cuda") and scale.learner_gpus <= 0:
+            raise ValueError(
+                f"device={self.device} with scale.learner=actor: give the learner's actor a GPU "
+                "(scale.learner_gpus=1), or Ray hides every GPU from it."
+            )
         if scale.envs_per_worker is not None:
             self.env.num_envs = scale.num_workers * scale.envs_per_worker
         if self.env.num_envs % scale.num_workers:

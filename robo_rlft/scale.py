@@ -19,7 +19,7 @@ import copy
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -28,7 +28,7 @@ from torch import nn
 
 from robo_rlft.algos.grpo import GroupRollout, collect_group_rollouts, group_seeds
 from robo_rlft.algos.ppo import ChunkRollout, collect_chunk_rollout, rollout_reset_seed
-from robo_rlft.config import Config
+from robo_rlft.config import Config, ScaleConfig
 from robo_rlft.distributed import Distributed
 from robo_rlft.observations import ObservationAdapter
 
@@ -156,6 +156,49 @@ def _cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().cpu() for name, tensor in module.state_dict().items()}
 
 
+def connect_ray(scale: ScaleConfig) -> bool:
+    """Join ``scale.address`` unless this process is already connected (e.g. it is the learner's Ray actor); True
+    when this call started the connection (its caller shuts it down). A local instance gets room for every worker
+    and the learner's actor, whatever this machine's core count."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    options: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    if scale.address is None:
+        cpus = scale.num_workers * scale.cpus_per_worker + (scale.learner_cpus if scale.learner == "actor" else 0)
+        options["num_cpus"] = max(os.cpu_count() or 1, int(np.ceil(cpus)))
+    ray.init(address=scale.address, **options)
+    return True
+
+
+def run_in_learner_actor(scale: ScaleConfig, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` in a Ray actor with ``scale.learner_cpus`` CPUs and ``scale.learner_gpus`` GPUs
+    (``scale.learner=actor``): on a cluster the learner runs on a node with a GPU while this process (the driver,
+    e.g. a laptop connected through ``ray://``) only waits, and the rollout workers it starts join the same
+    cluster. The actor is killed if the driver is interrupted."""
+    import ray
+
+    try:
+        owns_ray = connect_ray(scale)
+    except ImportError as exc:
+        raise ImportError(RAY_INSTALL_HINT) from exc
+    actor = ray.remote(LearnerActor).options(num_cpus=scale.learner_cpus, num_gpus=scale.learner_gpus).remote()
+    try:
+        return ray.get(actor.run.remote(function, *args))
+    finally:
+        ray.kill(actor)
+        if owns_ray:
+            ray.shutdown()
+
+
+class LearnerActor:
+    """The Ray actor :func:`run_in_learner_actor` runs the learner in."""
+
+    def run(self, function: Callable[..., Any], *args: Any) -> Any:
+        return function(*args)
+
+
 class RayRolloutWorkers:
     """``scale.num_workers`` Ray actors, each a :class:`RolloutWorker` with CPU copies of the policy and critic.
 
@@ -170,13 +213,7 @@ class RayRolloutWorkers:
             raise ImportError(RAY_INSTALL_HINT) from exc
         self.ray = ray
         scale = cfg.scale
-        self._owns_ray = not ray.is_initialized()
-        if self._owns_ray:
-            options: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
-            if scale.address is None:
-                # A local instance with room for every worker, whatever this machine's core count.
-                options["num_cpus"] = max(os.cpu_count() or 1, int(np.ceil(scale.num_workers * scale.cpus_per_worker)))
-            ray.init(address=scale.address, **options)
+        self._owns_ray = connect_ray(scale)
         actor = ray.remote(RolloutWorker).options(
             num_cpus=scale.cpus_per_worker,
             max_restarts=scale.max_restarts,

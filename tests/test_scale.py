@@ -25,8 +25,8 @@ NUM_ENVS, STEPS = 4, 10
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray instance for the module (starting one takes seconds)."""
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    """One local Ray instance for the module (starting one takes seconds): room for 2 workers and a learner."""
+    ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 
@@ -122,15 +122,23 @@ def test_grpo_groups_stay_on_one_worker(hopper_checkpoint, ray_local):
 
 
 def test_finetune_with_ray_equals_local(tmp_path, hopper_checkpoint, tiny_finetune, ray_local):
-    """Through the CLI: the same first update (weights) with 2 Ray workers as with 2 in-process workers."""
-    for backend in ("local", "ray"):
+    """Through the CLI: the same first update (weights) with 2 Ray workers as with 2 in-process workers, whether
+    the learner is this process or a Ray actor."""
+    runs = {"local": ["scale=local"], "ray": ["scale=ray"], "actor": ["scale=ray", "scale.learner=actor"]}
+    for name, scale in runs.items():
         argv = ["finetune", f"policy.pretrained={hopper_checkpoint}", *tiny_finetune, "env.num_envs=4"]
-        argv += ["algo.iterations=1", f"scale={backend}", "scale.num_workers=2", f"run_dir={tmp_path / backend}"]
+        argv += ["algo.iterations=1", *scale, "scale.num_workers=2", f"run_dir={tmp_path / name}"]
         assert main(argv) == 0
     a = load_file(tmp_path / "local" / "final" / "model.safetensors")
-    b = load_file(tmp_path / "ray" / "final" / "model.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-6, msg=key)
+    for name in ("ray", "actor"):
+        b = load_file(tmp_path / name / "final" / "model.safetensors")
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-6, msg=f"{name}: {key}")
+    # The actor's learner wrote the run (metrics, checkpoint, log) from another process.
+    log = (tmp_path / "actor" / "finetune.log").read_text()
+    (pid,) = [int(line.split("(pid ")[1].split()[0]) for line in log.splitlines() if "learner runs in a Ray" in line]
+    assert pid != os.getpid()
+    assert (tmp_path / "actor" / "checkpoints" / "latest").is_file()
 
 
 def test_scale_options_are_validated():
@@ -141,3 +149,7 @@ def test_scale_options_are_validated():
     assert compose_config(["scale=ray", "scale.envs_per_worker=3"]).env.num_envs == 6
     with pytest.raises(ValueError, match=r"scale\.backend='spark' is not allowed"):
         compose_config(["scale.backend=spark"])
+    with pytest.raises(ValueError, match=r"scale\.learner=actor runs the learner in a Ray actor: it needs scale=ray"):
+        compose_config(["scale.learner=actor"])
+    with pytest.raises(ValueError, match=r"scale\.learner_gpus=1"):
+        compose_config(["scale=ray", "scale.learner=actor", "device=cuda"])
