@@ -22,6 +22,8 @@ ENV_IDS: dict[str, str] = {name: env_id for name, (env_id, _, _) in LOCOMOTION.i
 # The LIBERO adapter: one id, the suite and task are ``gym.make`` kwargs (``suite``, ``task_id``). Registering
 # it only names the entry point, so it works without the ``libero`` extra; constructing it needs the extra.
 LIBERO_ENV_ID = "robo_rlft/Libero-v0"
+# Several tabletop tasks in one env (``tasks=[...]``), one per episode (envs.tabletop.multitask).
+TABLETOP_MULTITASK_ENV_ID = "robo_rlft/Tabletop-MultiTask-v0"
 
 
 def tabletop_env_ids() -> dict[str, str]:
@@ -47,6 +49,9 @@ def register_envs() -> None:
                 kwargs={"task": name},
                 max_episode_steps=TASKS[name].horizon,
             )
+    if TABLETOP_MULTITASK_ENV_ID not in gym.registry:
+        # No TimeLimit: each task env truncates at its own task's horizon.
+        gym.register(id=TABLETOP_MULTITASK_ENV_ID, entry_point="envs.tabletop.multitask:MultiTaskTabletopEnv")
     if LIBERO_ENV_ID not in gym.registry:
         # No TimeLimit: the step limit depends on the suite, and the env truncates at it itself.
         gym.register(id=LIBERO_ENV_ID, entry_point="envs.libero:LiberoEnv")
@@ -57,7 +62,7 @@ def resolve_env_id(name: str) -> str:
     ``robo_rlft/Tabletop-LiftCube-v0``, ``robo_rlft/Libero-v0``) to the registered id."""
     if name in ENV_IDS:
         return ENV_IDS[name]
-    if name in ENV_IDS.values() or name in tabletop_env_ids().values() or name == LIBERO_ENV_ID:
+    if name in (*ENV_IDS.values(), *tabletop_env_ids().values(), LIBERO_ENV_ID, TABLETOP_MULTITASK_ENV_ID):
         return name
     raise ValueError(
         f"Unknown env {name!r}. Allowed: {sorted(ENV_IDS)}, their ids {sorted(ENV_IDS.values())}, "

@@ -347,6 +347,8 @@ def _write_eval(run_dir: Path, result: dict) -> None:
     if result.get("success_rate") is not None:
         lo, hi = result["success_ci95"]
         line += f", success {result['success_rate']:.2f} [{lo:.2f}, {hi:.2f}]"
+    for task, outcome in result.get("success_by_task", {}).items():
+        line += f"\n  {task}: success {outcome['success_rate']:.2f} over {outcome['episodes']} episodes"
     print(f"{line}\n-> {run_dir / 'eval.json'}")
 
 

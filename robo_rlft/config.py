@@ -15,7 +15,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from envs import ENV_IDS
 from envs.libero import SUITES as LIBERO_SUITES
-from envs.registry import LIBERO_ENV_ID, tabletop_env_ids
+from envs.registry import LIBERO_ENV_ID, TABLETOP_MULTITASK_ENV_ID, tabletop_env_ids
+from envs.tabletop.multitask import check_task_list
 from policies.chain import LOG_PROB_REDUCTIONS
 from policies.critic import CriticConfig
 from policies.diffusion import DiffusionPolicyConfig
@@ -42,7 +43,7 @@ def _check_choice(key: str, value: object, allowed: tuple | list) -> None:
 
 
 # Env-specific EnvConfig fields -> the env names they apply to (others must leave them at their defaults).
-TABLETOP_FIELDS: tuple[str, ...] = ("task", "reward_shaping", "action_mode")
+TABLETOP_FIELDS: tuple[str, ...] = ("task", "tasks", "reward_shaping", "action_mode")
 LIBERO_FIELDS: tuple[str, ...] = ("suite", "task_id")
 IMAGE_FIELDS: tuple[str, ...] = ("cameras", "image_size")
 CAMERA_NAMES: tuple[str, ...] = ("agentview", "wrist")
@@ -55,6 +56,9 @@ class EnvConfig:
     Attributes:
         name: registered env name (see ``envs.ENV_IDS``), ``tabletop`` or ``libero``.
         task: the tabletop task (``envs.tabletop.tasks.TASKS``); only with ``name=tabletop``.
+        tasks: (tabletop) several tasks instead of ``task``, one per episode, told apart by their instruction
+            (``envs.tabletop.multitask``; for language-conditioned policies). Evaluation covers every task's fixed
+            init states and reports success per task.
         reward_shaping: (tabletop) add the task's dense distance terms to the sparse success reward.
         action_mode: (tabletop) ``delta_ee`` (LIBERO's 7-D delta end effector) or ``joint`` (absolute
             joint targets + gripper).
@@ -71,6 +75,7 @@ class EnvConfig:
 
     name: str = "hopper"
     task: str | None = None
+    tasks: list[str] | None = None
     reward_shaping: bool = False
     action_mode: str = "delta_ee"
     suite: str | None = None
@@ -98,7 +103,15 @@ class EnvConfig:
                     f"not env={self.name}."
                 )
         if self.name == "tabletop":
-            _check_choice("env.task", self.task, sorted(tabletop_env_ids()))
+            if self.tasks is not None:
+                if self.task is not None:
+                    raise ValueError(
+                        f"env.task={self.task!r} and env.tasks={list(self.tasks)}: give one task or a list, not both "
+                        "(env.task=null, or env=tabletop_multitask whose preset has none)."
+                    )
+                check_task_list(self.tasks, "env.tasks")
+            else:
+                _check_choice("env.task", self.task, sorted(tabletop_env_ids()))
             _check_choice("env.action_mode", self.action_mode, ["delta_ee", "joint"])
         if self.name == "libero":
             if self.suite is None or self.task_id is None:
@@ -121,7 +134,7 @@ class EnvConfig:
     def env_id(self) -> str:
         """What ``envs.make_env`` takes: the short name, or the tabletop task's / LIBERO's registered id."""
         if self.name == "tabletop":
-            return tabletop_env_ids()[self.task]
+            return TABLETOP_MULTITASK_ENV_ID if self.tasks is not None else tabletop_env_ids()[self.task]
         return LIBERO_ENV_ID if self.name == "libero" else self.name
 
     def make_kwargs(self, cameras: bool = False) -> dict[str, Any]:
@@ -134,6 +147,8 @@ class EnvConfig:
         kwargs: dict[str, Any] = {}
         if self.name == "tabletop":
             kwargs.update(reward_shaping=self.reward_shaping, action_mode=self.action_mode)
+            if self.tasks is not None:
+                kwargs.update(tasks=list(self.tasks))
         elif self.name == "libero":
             kwargs.update(suite=self.suite, task_id=self.task_id)
         if cameras and self.cameras:

@@ -44,11 +44,13 @@ def evaluate_policy(
     Returns:
         ``return_mean``, ``return_ci95`` (t-interval half-width), ``success_rate`` and
         ``success_ci95`` (Wilson ``[lo, hi]``; null when the env defines no success), ``episodes``,
-        ``episode_returns``, ``episode_lengths`` (env steps).
+        ``episode_returns``, ``episode_lengths`` (env steps); for a multi-task env, ``success_by_task``
+        (task -> ``success_rate``, ``success_ci95``, ``episodes``).
     """
     was_training = policy.training
     policy.eval()
-    returns, lengths, successes = [], [], []
+    returns, lengths, successes, tasks = [], [], [], []
+    task_order: dict[Any, None] = {}  # the tasks in the order their first episode started
     has_success = False
     adapter = ObservationAdapter.for_policy(policy)
     envs = make_vector_env(
@@ -62,7 +64,9 @@ def evaluate_policy(
     try:
         for start in range(0, num_episodes, envs.num_envs):
             n = min(envs.num_envs, num_episodes - start)
-            obs, _ = envs.reset(seed=[first_seed + start + i for i in range(envs.num_envs)], options=options)
+            obs, reset_info = envs.reset(seed=[first_seed + start + i for i in range(envs.num_envs)], options=options)
+            ep_task = reset_info.get("task", np.full(envs.num_envs, None))  # a multi-task env names each one's task
+            task_order.update(dict.fromkeys(ep_task[:n]))
             ep_return = np.zeros(envs.num_envs)
             ep_length = np.zeros(envs.num_envs, dtype=np.int64)
             ep_success = np.zeros(envs.num_envs, dtype=bool)
@@ -81,6 +85,7 @@ def evaluate_policy(
                     returns.append(ep_return[i])
                     lengths.append(int(ep_length[i]))
                     successes.append(bool(ep_success[i]))
+                    tasks.append(ep_task[i])
                 active &= ~ended
     finally:
         envs.close()
@@ -100,6 +105,13 @@ def evaluate_policy(
     if has_success:
         rate, lo, hi = wilson_ci95(int(np.sum(successes)), len(successes))
         result.update(success_rate=rate, success_ci95=[lo, hi])
+        if len(task_order) > 1:
+            by_task: dict[str, dict[str, Any]] = {}
+            for task in task_order:
+                outcomes = [ok for ok, t in zip(successes, tasks, strict=True) if t == task]
+                rate, lo, hi = wilson_ci95(int(np.sum(outcomes)), len(outcomes))
+                by_task[str(task)] = {"success_rate": rate, "success_ci95": [lo, hi], "episodes": len(outcomes)}
+            result["success_by_task"] = by_task
     return result
 
 
@@ -127,6 +139,8 @@ def eval_metrics(result: dict[str, Any]) -> dict[str, float]:
     metrics = {"eval/return_mean": result["return_mean"], "eval/return_ci95": result["return_ci95"]}
     if result["success_rate"] is not None:
         metrics["eval/success_rate"] = result["success_rate"]
+    for task, outcome in result.get("success_by_task", {}).items():
+        metrics[f"eval/success_rate/{task}"] = outcome["success_rate"]
     return metrics
 
 

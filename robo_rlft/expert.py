@@ -456,13 +456,14 @@ def rollout_scripted_expert(
     env = flat_env.env
     cameras = [key for key in env.observation_space.spaces if key.endswith(IMAGE_SUFFIX)]
     columns: dict[str, list] = {key: [] for key in (*ARRAY_KEYS, *cameras)}
-    successes = []
-    instruction = env.unwrapped.instruction
+    successes, instructions = [], []
     try:
         with _progress(progress, f"scripted expert {env_id} noise={action_noise}", num_episodes) as (bar, task):
             for i in range(num_episodes):
                 obs, info = env.reset(seed=seed + i)
-                expert = expert_for(env.unwrapped, noise=action_noise, seed=seed + i)
+                # A multi-task env runs one of its tasks per episode: the expert acts in that task's env.
+                task_env = getattr(env.unwrapped, "active_env", env.unwrapped)
+                expert = expert_for(task_env, noise=action_noise, seed=seed + i)
                 expert.reset()
                 done = False
                 while not done:
@@ -474,13 +475,13 @@ def rollout_scripted_expert(
                         columns[key].append(value)
                     for key in cameras:
                         columns[key].append(obs[key])
+                    instructions.append(task_env.instruction)
                     obs = next_obs
                 successes.append(bool(info["is_success"]))
                 if bar is not None:
                     bar.update(task, advance=1, info=f"success {np.mean(successes):.2f}")
     finally:
         flat_env.close()
-    num_steps = len(columns["actions"])
     dataset = DemoDataset(
         observations=np.asarray(columns["observations"], dtype=np.float32),
         actions=np.asarray(columns["actions"], dtype=np.float32),
@@ -488,12 +489,12 @@ def rollout_scripted_expert(
         terminals=np.asarray(columns["terminals"], dtype=bool),
         truncations=np.asarray(columns["truncations"], dtype=bool),
         images={key[: -len(IMAGE_SUFFIX)]: np.stack(columns[key]) for key in cameras},
-        instructions=np.full(num_steps, instruction),
+        instructions=np.asarray(instructions),
         meta={
             "env": env_id,
             "env_kwargs": dict(env_kwargs or {}),
             "source": "scripted expert",
-            "instruction": instruction,
+            "instructions": sorted(set(instructions)),
             # How the flat observation splits into the env's Dict keys, in order.
             "observation_layout": {
                 key: int(env.observation_space[key].shape[0])

@@ -9,7 +9,7 @@ from gymnasium.utils.env_checker import check_env
 
 import envs
 from envs import ENV_IDS, ChunkedEnv, make_env, make_vector_env, resolve_env_id, step_info_value
-from envs.registry import LIBERO_ENV_ID, tabletop_env_ids
+from envs.registry import LIBERO_ENV_ID, TABLETOP_MULTITASK_ENV_ID, tabletop_env_ids
 
 
 class CounterEnv(gym.Env):
@@ -82,7 +82,7 @@ def test_unknown_env_names_the_allowed_ones():
 def test_register_envs_is_idempotent():
     before = {k for k in gym.registry if k.startswith("robo_rlft/")}
     envs.register_envs()
-    expected = set(ENV_IDS.values()) | set(tabletop_env_ids().values()) | {LIBERO_ENV_ID}
+    expected = set(ENV_IDS.values()) | set(tabletop_env_ids().values()) | {LIBERO_ENV_ID, TABLETOP_MULTITASK_ENV_ID}
     assert {k for k in gym.registry if k.startswith("robo_rlft/")} == before == expected
 
 
