@@ -1,7 +1,7 @@
 """End to end on CPU with the tiny VLA: scripted demos with images -> SFT of ``vla_tiny`` -> PPO and GRPO.
 
-    MUJOCO_GL=egl python benchmarks/vla_tabletop.py [--task LiftCube] [--episodes 300] [--demo-noise 0.1]
-        [--image-size 64] [--pretrain-steps 5000] [--ppo-iterations 20] [--grpo-iterations 20]
+    MUJOCO_GL=egl python benchmarks/vla_tabletop.py [--task LiftCube | --tasks A B C] [--episodes 300]
+        [--demo-noise 0.1] [--image-size 64] [--pretrain-steps 5000] [--ppo-iterations 20] [--grpo-iterations 20]
         [--work-dir runs/bench_vla_tabletop] [--out benchmarks/results/vla_tabletop.md]
         [--policy KEY=VALUE ...] [--rl-policy KEY=VALUE ...] [--ppo KEY=VALUE ...] [--grpo KEY=VALUE ...]
 
@@ -16,6 +16,10 @@ fixed init states (Wilson 95 % CIs): the SFT policy's from ``pretrain``'s ``eval
 from each run's ``metrics.csv`` (iteration 0 re-evaluates the SFT policy) and final ``eval.json``. The report
 also has the evaluation curves (PNG). Stages whose output exists are skipped (``--fresh`` reruns them), so a
 long benchmark can be continued after an interruption.
+
+With ``--tasks A B C`` the run is multi-task (``env=tabletop_multitask``): one policy for the tasks, told apart by
+their instructions, evaluated on every task's 50 fixed init states, with success per task before and after RL.
+``--grpo-iterations 0`` skips GRPO.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 
 from tabletop_rl import run, shown  # benchmarks/tabletop_rl.py: the same CLI runner
 
+from envs.tabletop.tasks import TASKS
 from robo_rlft.stats import wilson_ci95
 
 ROBO = [sys.executable, "-m", "robo_rlft.cli"]
@@ -49,6 +54,7 @@ def read_evals(run_dir: Path) -> tuple[list[dict], float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="LiftCube")
+    parser.add_argument("--tasks", nargs="*", default=[], help="several tasks: a multi-task run (instead of --task)")
     parser.add_argument("--episodes", type=int, default=300, help="demonstration episodes")
     parser.add_argument("--demo-noise", type=float, default=0.1, help="collect.action_noise of the scripted expert")
     parser.add_argument("--image-size", type=int, default=64, help="env.image_size the cameras render at")
@@ -74,18 +80,24 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
-    cameras = ["env=tabletop", f"env.task={args.task}", "env.cameras=[agentview,wrist]"]
+    tasks = args.tasks or [args.task]
+    if args.tasks:
+        env = ["env=tabletop_multitask", "env.task=null", f"env.tasks=[{','.join(args.tasks)}]"]
+    else:
+        env = ["env=tabletop", f"env.task={args.task}"]
+    fixed = FIXED_INIT_STATES * len(tasks)  # every task's fixed init states
+    cameras = [*env, "env.cameras=[agentview,wrist]"]
     cameras += [f"env.image_size={args.image_size}", f"seed={args.seed}"]
     data, sft, ppo, grpo = work / "data", work / "sft", work / "ppo", work / "grpo"
     collect = ["collect", *cameras, f"collect.episodes={args.episodes}", f"collect.action_noise={args.demo_noise}"]
     collect.append(f"run_dir={data}")
     pretrain = ["pretrain", "policy=vla_tiny", *cameras, f"pretrain.dataset={data / 'dataset.npz'}"]
     pretrain += [f"pretrain.gradient_steps={args.pretrain_steps}", f"pretrain.batch_size={args.batch_size}"]
-    pretrain += [f"pretrain.eval_episodes={FIXED_INIT_STATES}", *(f"policy.{o}" for o in args.policy)]
+    pretrain += [f"pretrain.eval_episodes={fixed}", *(f"policy.{o}" for o in args.policy)]
     pretrain.append(f"run_dir={sft}")
     start = ["policy=vla_tiny", f"policy.pretrained={sft / 'final'}", *cameras]
     start += ["policy.noise.scheme=flow_noise", *(f"policy.{o}" for o in args.rl_policy)]
-    start.append(f"algo.eval_episodes={FIXED_INIT_STATES}")
+    start.append(f"algo.eval_episodes={fixed}")
     # PPO: experiment=tabletop, the settings of the state-based tabletop benchmark (benchmarks/tabletop_rl.py).
     finetune_ppo = ["finetune", "experiment=tabletop", *start, f"algo.iterations={args.ppo_iterations}", *args.ppo]
     finetune_ppo.append(f"run_dir={ppo}")
@@ -100,6 +112,8 @@ def main() -> None:
         "ppo": (finetune_ppo, ppo / "eval.json"),
         "grpo": (finetune_grpo, grpo / "eval.json"),
     }
+    if args.grpo_iterations == 0:
+        del stages["grpo"]
     seconds_file = work / "seconds.json"
     seconds = json.loads(seconds_file.read_text()) if seconds_file.is_file() and not args.fresh else {}
     for name, (argv, done) in stages.items():
@@ -112,16 +126,18 @@ def main() -> None:
         seconds_file.write_text(json.dumps(seconds, indent=2))
 
     demos = json.loads((data / "collect.json").read_text())
-    sft_rate = json.loads((sft / "eval.json").read_text())["success_rate"]
-    ppo_evals, ppo_rate = read_evals(ppo)
-    grpo_evals, grpo_rate = read_evals(grpo)
+    sft_result = json.loads((sft / "eval.json").read_text())
+    sft_rate = sft_result["success_rate"]
+    results = {"PPO, `flow_noise`": (ppo, *read_evals(ppo))}
+    if "grpo" in stages:
+        results["GRPO, `flow_noise`"] = (grpo, *read_evals(grpo))
     curve = args.out.with_suffix(".png")
-    plot({"PPO, flow_noise": ppo_evals, "GRPO, flow_noise": grpo_evals}, sft_rate, curve, args.task)
+    plot({name.replace("`", ""): evals for name, (_, evals, _) in results.items()}, sft_rate, curve, tasks, fixed)
 
-    def rate(p: float) -> str:
-        successes = round(p * FIXED_INIT_STATES)
-        _, lo, hi = wilson_ci95(successes, FIXED_INIT_STATES)
-        return f"{successes}/{FIXED_INIT_STATES} = {100 * p:.0f} % [{100 * lo:.0f}, {100 * hi:.0f}]"
+    def rate(p: float, episodes: int = fixed) -> str:
+        successes = round(p * episodes)
+        _, lo, hi = wilson_ci95(successes, episodes)
+        return f"{successes}/{episodes} = {100 * p:.0f} % [{100 * lo:.0f}, {100 * hi:.0f}]"
 
     def last_env_steps(evals: list[dict]) -> str:
         return f"{int(evals[-1]['env_steps']):,}" if evals else "?"
@@ -129,9 +145,11 @@ def main() -> None:
     from robo_rlft.data import load_dataset
 
     dataset = load_dataset(data / "dataset.npz")
-    steps = [("collect", collect), ("pretrain", pretrain), ("ppo", finetune_ppo), ("grpo", finetune_grpo)]
+    steps = [(name, argv) for name, (argv, _) in stages.items()]
+    title = ", ".join(tasks) + (" (one multi-task policy)" if args.tasks else "")
     lines = [
-        f"# End to end on CPU with the tiny VLA: {args.task} from images and instruction, SFT → PPO / GRPO",
+        f"# End to end on CPU with the tiny VLA: {title} from images and instruction, SFT → "
+        + " / ".join(name.split(",")[0] for name in results),
         "",
         f"- command: `MUJOCO_GL=egl python {shlex.join(sys.argv)}`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; 2-core CPU (one core used), no GPU",
@@ -142,20 +160,35 @@ def main() -> None:
         f"them), agentview and wrist images at {args.image_size} px, the instruction",
         f"- SFT: {args.pretrain_steps} gradient steps of batch {args.batch_size}; RL: PPO {args.ppo_iterations} "
         f"iterations, GRPO {args.grpo_iterations} iterations, both from the same SFT checkpoint",
-        f"- evaluation: deterministic sampler on the task's {FIXED_INIT_STATES} fixed init states, success count "
-        "and rate with a Wilson 95 % interval",
+        f"- evaluation: deterministic sampler on the {fixed} fixed init states ({FIXED_INIT_STATES} per task), "
+        "success count and rate with a Wilson 95 % interval",
         "",
-        "| policy | success on the 50 fixed init states | change vs SFT |",
+        f"| policy | success on the {fixed} fixed init states | change vs SFT |",
         "|---|---|---|",
         f"| SFT (`vla_tiny`, images + instruction + state) | {rate(sft_rate)} | |",
-        f"| PPO, `flow_noise` ({last_env_steps(ppo_evals)} env steps) | **{rate(ppo_rate)}** "
-        f"| {100 * (ppo_rate - sft_rate):+.0f} points |",
-        f"| GRPO, `flow_noise` ({last_env_steps(grpo_evals)} env steps) | **{rate(grpo_rate)}** "
-        f"| {100 * (grpo_rate - sft_rate):+.0f} points |",
-        "",
-        f"![evaluation curves]({curve.name})",
+        *(
+            f"| {name} ({last_env_steps(evals)} env steps) | **{rate(final)}** "
+            f"| {100 * (final - sft_rate):+.0f} points |"
+            for name, (_, evals, final) in results.items()
+        ),
         "",
     ]  # fmt: skip
+    if args.tasks:  # success per task, before and after
+        finals = {name: json.loads((run_dir / "eval.json").read_text()) for name, (run_dir, _, _) in results.items()}
+        lines += [
+            "| task | instruction | SFT | " + " | ".join(f"after {name}" for name in results) + " |",
+            "|---|---|---|" + "---|" * len(results),
+        ]
+        for task in tasks:
+            before = sft_result["success_by_task"][task]
+            cells = [rate(before["success_rate"], before["episodes"])]
+            for result in finals.values():
+                after = result["success_by_task"][task]
+                change = 100 * (after["success_rate"] - before["success_rate"])
+                cells.append(f"{rate(after['success_rate'], after['episodes'])} ({change:+.0f})")
+            lines.append(f"| {task} | {TASKS[task].instruction} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [f"![evaluation curves]({curve.name})", ""]
     report = "\n".join(lines)
     # Hand-written notes (what was tried before, with its budget) below the marker survive a regenerated report.
     if args.out.is_file() and NOTES_MARKER in args.out.read_text():
@@ -165,7 +198,7 @@ def main() -> None:
     print(report)
 
 
-def plot(runs: dict[str, list[dict]], sft_rate: float, path: Path, task: str) -> None:
+def plot(runs: dict[str, list[dict]], sft_rate: float, path: Path, tasks: list[str], fixed: int) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -175,15 +208,15 @@ def plot(runs: dict[str, list[dict]], sft_rate: float, path: Path, task: str) ->
     for label, evals in runs.items():
         steps = [int(e["env_steps"]) for e in evals]
         rates = [float(e["eval_success_rate"]) for e in evals]
-        bounds = [wilson_ci95(round(r * FIXED_INIT_STATES), FIXED_INIT_STATES)[1:] for r in rates]
+        bounds = [wilson_ci95(round(r * fixed), fixed)[1:] for r in rates]
         ax.plot(steps, rates, marker="o", label=label)
         ax.fill_between(steps, [b[0] for b in bounds], [b[1] for b in bounds], alpha=0.15)
     ax.axhline(sft_rate, color="grey", linestyle="--", label="SFT")
     top = max([sft_rate, *(float(e["eval_success_rate"]) for evals in runs.values() for e in evals)])
     ax.set_xlabel("Environment steps")
-    ax.set_ylabel(f"Success rate ({FIXED_INIT_STATES} fixed init states)")
+    ax.set_ylabel(f"Success rate ({fixed} fixed init states)")
     ax.set_ylim(0, min(1.0, max(0.3, 2 * top)))
-    ax.set_title(f"Tabletop {task}: RL fine-tuning of the tiny VLA (images + instruction)")
+    ax.set_title(f"Tabletop {', '.join(tasks)}: RL fine-tuning of the tiny VLA (images + instruction)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
