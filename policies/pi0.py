@@ -24,7 +24,7 @@ not scale inputs by ``sqrt(width)``), language embeddings are scaled by ``sqrt(w
 ``x_hat (1 + w)``, attention is eager with an additive mask and a float32 softmax, RoPE base 10,000, positions are
 the cumulative count of valid tokens (the suffix continues after the prefix's). Time conventions, the sine-cosine
 time embedding and padding are SmolVLA's (:mod:`policies.smolvla`): ``t = 1 - tau``, ``v(x, t) = -u(x, 1 - t)``.
-The reference cannot run here (it needs the git-only fork; 1.57B parameters at the smallest), so outputs are not
+The reference cannot run here (it needs the git-only fork; 3.5B parameters at its smallest sizes), so outputs are not
 compared with it: ``README`` says what is verified (parameter names and shapes against LeRobot's own constructors,
 ``tests/fixtures/pi0``; loading; finite forward passes; the chain's likelihood).
 

@@ -1,8 +1,8 @@
 """Record LeRobot's π0 / π0.5 parameter names and shapes in ``tests/fixtures/pi0/``, and check a real-size import.
 
 LeRobot 0.4.2's π0 cannot run here: it needs LeRobot's patched ``transformers`` fork (a git dependency that cannot
-be installed here) and its smallest size has 1.57B parameters. What can be checked is done in two processes, as in
-``scripts/smolvla_fixtures.py`` (whose venv helper this reuses):
+be installed here) and its smallest sizes (gemma_2b + gemma_300m) hold 3.5B parameters. What can be checked is done
+in two processes, as in ``scripts/smolvla_fixtures.py`` (whose venv helper this reuses):
 
 1. ``python scripts/pi0_reference.py``: creates a throwaway venv (default ``/tmp/lerobot-pi-ref``; ~5 GB, a few
    minutes the first time) with ``lerobot[smolvla]==0.4.2`` through ``smolvla_fixtures.ensure_venv`` (that extra is
