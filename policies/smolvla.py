@@ -101,6 +101,8 @@ class SmolVLAPolicyConfig:
         add_image_special_tokens, prefix_length, min_period, max_period: LeRobot's fields of the same names.
         state_norm, action_norm: normalisation modes from the checkpoint (``MEAN_STD``, ``MIN_MAX``, ``IDENTITY``).
         lerobot_n_action_steps: LeRobot's ``n_action_steps`` (written back on export).
+        train_state_proj: whether supervised pretraining (``robo-rlft pretrain``) trains the state projection, as
+            LeRobot's SFT does (its field of the same name); RL keeps it frozen (the prefix is cached without grad).
         noise: the noise scheme that makes the chain stochastic during RL fine-tuning.
         time_embed_dim: size of the time embedding the ``reinflow`` scheme's std head takes (unused by the model).
     """
@@ -128,6 +130,7 @@ class SmolVLAPolicyConfig:
     state_norm: str = "MEAN_STD"
     action_norm: str = "MEAN_STD"
     lerobot_n_action_steps: int = 50
+    train_state_proj: bool = True
     noise: FlowNoiseConfig = field(default_factory=lambda: FlowNoiseConfig(scheme="flow_noise"))
     time_embed_dim: int = 32
 
@@ -559,6 +562,14 @@ class SmolVLAPolicy(nn.Module):
         self.configure_noise(settings.noise)
         return self
 
+    def prepare_pretraining(self) -> None:
+        """Supervised pretraining trains the state projection too (``config.train_state_proj``, as LeRobot's SFT)."""
+        self.model.state_proj.requires_grad_(self.config.train_state_proj)
+
+    def finish_pretraining(self) -> None:
+        """Freeze the state projection again: RL computes the prefix once per observation, without grad."""
+        self.model.state_proj.requires_grad_(False)
+
     # The same scheme switch as the VLA's (both keep their scheme in ``self.noise`` / ``config.noise``).
     configure_noise = VLAPolicy.configure_noise
 
@@ -619,7 +630,9 @@ class SmolVLAPolicy(nn.Module):
         """Run the VLM once on ``obs``: what every denoising step needs (the prefix cache, state, masks)."""
         obs.validate(self.config.cameras, self.obs_dim)
         obs = obs.to(self.normalizer.obs_mean.device)
-        with torch.no_grad():
+        # Without grad (RL caches the prefix), except while SFT trains the state projection, whose token runs
+        # through the VLM.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.model.state_proj.weight.requires_grad):
             embeds, valid, mask_2d, state = self._prefix(obs)
             positions = valid.long().cumsum(1) - 1  # (B, L): padding does not advance the position
             cache, features = self.model.vlm_with_expert.prefix_cache(embeds, mask_2d, positions)

@@ -60,7 +60,7 @@ def is_lerobot_checkpoint(path: str | Path) -> bool:
 
 def _lerobot_policy_config(lerobot: dict[str, Any], settings: Any | None) -> SmolVLAPolicyConfig:
     """Our config from a LeRobot ``config.json`` and, when given, the run's ``policy`` section (vlm_path,
-    cameras, env_action_dim, noise)."""
+    cameras, env_action_dim, noise, train_state_proj)."""
     images = [key for key, feature in lerobot["input_features"].items() if feature["type"] == "VISUAL"]
     default_cameras = [key.removeprefix(IMAGE_PREFIX) for key in images]
     cameras = list(getattr(settings, "cameras", None) or default_cameras)
@@ -80,7 +80,7 @@ def _lerobot_policy_config(lerobot: dict[str, Any], settings: Any | None) -> Smo
         action_norm=modes["ACTION"],
         lerobot_n_action_steps=lerobot["n_action_steps"],
     )
-    for name in ("noise", "time_embed_dim"):
+    for name in ("noise", "time_embed_dim", "train_state_proj"):  # the run's choices
         if hasattr(settings, name):
             values[name] = getattr(settings, name)
     unsupported = {"empty_cameras": 0, "adapt_to_pi_aloha": False, "n_obs_steps": 1}

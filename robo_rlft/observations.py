@@ -250,11 +250,15 @@ class ObservationAdapter:
         if self.uses_images and getattr(policy.config, "object_loss_weight", 0.0) > 0:
             object_dim = 0 if inputs.object_state is None else inputs.object_state.shape[1]
             policy.add_object_head(object_dim)
+        if hasattr(policy, "prepare_pretraining"):  # the policy's own pretraining choices (SmolVLA's state projection)
+            policy.prepare_pretraining()
 
     def finish_pretraining(self, policy: torch.nn.Module) -> None:
-        """Remove what :meth:`prepare_pretraining` added, so the saved policy is the one RL and deployment load."""
+        """Undo what :meth:`prepare_pretraining` did, so the saved policy is the one RL and deployment load."""
         if getattr(policy, "object_head", None) is not None:
             policy.remove_object_head()
+        if hasattr(policy, "finish_pretraining"):
+            policy.finish_pretraining()
 
     def _check_images_and_instructions(self, dataset: DemoDataset) -> None:
         record = _COLLECT_HINT.format(cameras=",".join(self.cameras))

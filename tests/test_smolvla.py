@@ -248,3 +248,40 @@ def test_grpo_finetunes_a_lerobot_checkpoint(tmp_path):
     with open(run_dir / "metrics.csv", newline="") as f:
         (row,) = [r for r in csv.DictReader(f) if r["iteration"] != "0"]
     assert int(float(row["samples"])) > 0 and abs(float(row["ratio_first_minibatch"]) - 1.0) < 1e-5, row
+
+
+# ---- SFT of a LeRobot checkpoint on our demonstrations through the CLI ----------------------------------------
+
+
+def test_pretrain_continues_from_a_lerobot_checkpoint(tmp_path):
+    """`robo-rlft pretrain policy.pretrained=<LeRobot checkpoint>` fits the expert and the state projection to our
+    demos (VLM frozen, as LeRobot's SFT), with the normalisation taken from the demos, and writes our checkpoint,
+    from which SFT continues in turn."""
+    from robo_rlft.data import load_dataset
+
+    env = [arg for arg in TINY_PPO if arg.startswith("env") and arg != "env.num_envs=2"] + ["progress=false"]
+    data = tmp_path / "data"
+    assert main(["collect", "collect.episodes=2", "collect.action_noise=0", f"run_dir={data}", *env]) == 0
+    sft = ["pretrain", "policy=smolvla", f"policy.vlm_path={VLM}", f"pretrain.dataset={data / 'dataset.npz'}", *env]
+    sft += ["pretrain.gradient_steps=3", "pretrain.batch_size=4", "pretrain.eval_episodes=0"]
+    assert main([*sft, f"policy.pretrained={CHECKPOINT}", f"run_dir={tmp_path / 'sft'}"]) == 0
+
+    initial, final = load_file(CHECKPOINT / "model.safetensors"), load_file(tmp_path / "sft/final/model.safetensors")
+    expert = [k for k in initial if ".lm_expert." in k or "action_" in k or "state_proj" in k]
+    frozen = [k for k in initial if ".vlm_with_expert.vlm." in k]
+    assert expert and frozen
+    assert all(not torch.equal(initial[k], final[k]) for k in expert)
+    assert all(torch.equal(initial[k], final[k]) for k in frozen)
+    policy, metadata = load_policy(tmp_path / "sft" / "final", "smolvla")
+    assert not policy.model.state_proj.weight.requires_grad  # frozen again for RL, which caches the prefix
+    assert isinstance(policy, SmolVLAPolicy) and policy.horizon == 8 and metadata["trained_by"] == "robo-rlft pretrain"
+    actions = torch.as_tensor(load_dataset(data / "dataset.npz").actions)
+    torch.testing.assert_close(policy.normalizer.action_mean, actions.mean(0))
+    # policy.train_state_proj=false keeps LeRobot's state projection as it was.
+    kept = tmp_path / "kept"
+    assert main([*sft, f"policy.pretrained={CHECKPOINT}", "policy.train_state_proj=false", f"run_dir={kept}"]) == 0
+    final = load_file(kept / "final" / "model.safetensors")
+    assert all(torch.equal(initial[k], final[k]) for k in initial if "state_proj" in k)
+    # Our run checkpoint (a run directory) is a starting point of SFT too.
+    assert main([*sft, f"policy.pretrained={tmp_path / 'sft'}", f"run_dir={tmp_path / 'again'}"]) == 0
+    assert load_policy(tmp_path / "again" / "final", "smolvla")[0].horizon == 8

@@ -11,8 +11,10 @@ import numpy as np
 import torch
 
 from policies.normalizer import Normalizer
+from policies.smolvla import SMOLVLA_NORM_MODES, SmolVLANormalizer
+from policies.vla_backbone import VLAObservation
 from robo_rlft.config import Config
-from robo_rlft.data import DemoDataset
+from robo_rlft.data import OBS_STD_FLOOR, DemoDataset
 from robo_rlft.metrics import MetricLogger
 from robo_rlft.observations import ObservationAdapter
 from robo_rlft.progress import progress_bar
@@ -25,15 +27,17 @@ LOG_EVERY = 200
 def pretrain_bc(cfg: Config, run_dir: Path, policy: torch.nn.Module, dataset: DemoDataset) -> torch.nn.Module:
     """Fit ``policy`` to ``dataset``; returns the EMA copy (the one to evaluate and save).
 
-    The normaliser is set from the dataset statistics first, so the checkpoint carries them. The policy's
-    inputs come from :meth:`robo_rlft.observations.ObservationAdapter.dataset_inputs`: the flat observations,
-    or for a VLA its cameras' images, the instructions and the ``state`` dims (kept on the CPU; the policy
-    moves each minibatch to its device).
+    The normaliser is set from the dataset statistics first (:func:`set_normalizer_from_dataset`), so the
+    checkpoint carries them. Only the parameters that require grad train (an imported SmolVLA keeps its VLM and
+    state projection frozen). The policy's inputs come from
+    :meth:`robo_rlft.observations.ObservationAdapter.dataset_inputs`: the flat observations, or for a VLA its
+    cameras' images, the instructions and the ``state`` dims (kept on the CPU; the policy moves each minibatch to
+    its device).
     """
     pre, device = cfg.pretrain, torch.device(cfg.device)
     adapter = ObservationAdapter.for_policy(policy)
     obs, stats = adapter.dataset_inputs(dataset)  # M rows: (M, obs_dim) or VLA
-    policy.normalizer.load_state_dict(Normalizer.from_stats(stats).state_dict())
+    set_normalizer_from_dataset(policy, obs, stats, dataset.actions)
     adapter.prepare_pretraining(policy, obs)  # e.g. the VLA's auxiliary object head, before the optimiser
     if isinstance(obs, torch.Tensor):
         obs = obs.to(device)
@@ -42,7 +46,8 @@ def pretrain_bc(cfg: Config, run_dir: Path, policy: torch.nn.Module, dataset: De
     logger.info("Pretraining on %d chunks from %d episodes.", len(chunks), dataset.num_episodes)
     policy.to(device).train()
     ema = copy.deepcopy(policy).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=pre.lr, weight_decay=pre.weight_decay)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=pre.lr, weight_decay=pre.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=pre.gradient_steps, eta_min=pre.lr * 0.1)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
     metrics = MetricLogger(run_dir)
@@ -89,3 +94,41 @@ def pretrain_bc(cfg: Config, run_dir: Path, policy: torch.nn.Module, dataset: De
     adapter.finish_pretraining(policy)
     adapter.finish_pretraining(ema)
     return ema
+
+
+def set_normalizer_from_dataset(
+    policy: torch.nn.Module, inputs: torch.Tensor | VLAObservation, stats: dict[str, np.ndarray], actions: np.ndarray
+) -> None:
+    """Set ``policy.normalizer`` from the demonstrations it is fitted to.
+
+    Our policies' :class:`~policies.normalizer.Normalizer` takes ``stats`` (of
+    :meth:`~robo_rlft.observations.ObservationAdapter.dataset_inputs`). A policy imported from LeRobot (its
+    :class:`~policies.smolvla.SmolVLANormalizer`) keeps its checkpoint's modes (``policy.config.state_norm`` /
+    ``action_norm``) and takes the dataset's statistics in them, replacing the checkpoint's: LeRobot does the same
+    when it trains a pretrained policy on a new dataset (the dataset's stats override its normaliser processors').
+
+    Args:
+        inputs: the policy inputs of every dataset step (a ``VLAObservation`` for a LeRobot policy: its ``state``).
+        stats: the dataset statistics of :meth:`~robo_rlft.observations.ObservationAdapter.dataset_inputs`.
+        actions: ``(N, A)`` the dataset's actions, env units.
+    """
+    norm = policy.normalizer
+    if not isinstance(norm, SmolVLANormalizer):
+        norm.load_state_dict(Normalizer.from_stats(stats).state_dict())
+        return
+    modes = (policy.config.state_norm, policy.config.action_norm)
+    unsupported = [mode for mode in modes if mode not in SMOLVLA_NORM_MODES]
+    if unsupported:
+        raise ValueError(
+            f"Pretraining sets the normalisation of {SMOLVLA_NORM_MODES} from the dataset; this checkpoint uses "
+            f"{unsupported} (policy.state_norm / policy.action_norm={list(modes)}), which is not supported yet."
+        )
+    norm.load_stats(_feature_stats(inputs.state.numpy()), _feature_stats(actions), modes)
+
+
+def _feature_stats(values: np.ndarray) -> dict[str, torch.Tensor]:
+    """LeRobot's per-feature stats of ``values (N, D)`` over its rows: ``mean``, ``std`` (floored at
+    ``OBS_STD_FLOOR``, so a constant dimension is not blown up), ``min``, ``max``; each ``(D,)``."""
+    x = values.astype(np.float64)  # float64 so the variance of large N is accurate
+    stats = {"mean": x.mean(0), "std": np.maximum(x.std(0), OBS_STD_FLOOR), "min": x.min(0), "max": x.max(0)}
+    return {name: torch.as_tensor(value, dtype=torch.float32) for name, value in stats.items()}
