@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -202,6 +203,24 @@ class SmolVLANormalizer(nn.Module):
     def unnormalize_action(self, action: torch.Tensor) -> torch.Tensor:
         """``(..., A_pad)`` normalised chain values -> ``(..., A)`` env units (the padded dims dropped)."""
         return action[..., : self.action_mean.shape[0]] * self.action_std + self.action_mean
+
+    def fit(self, state: np.ndarray, actions: np.ndarray, modes: tuple[str, str], std_floor: float) -> None:
+        """Fill the buffers from demonstrations, ``state (N, S)`` and ``actions (N, A)`` in env units, in the
+        checkpoint's ``modes`` (as LeRobot does when it trains a pretrained policy on a new dataset); the std is
+        floored at ``std_floor`` so that a constant dimension is not blown up."""
+        unsupported = [mode for mode in modes if mode not in SMOLVLA_NORM_MODES]
+        if unsupported:
+            raise ValueError(
+                f"Pretraining sets the normalisation of {SMOLVLA_NORM_MODES} from the dataset; this checkpoint uses "
+                f"{unsupported} (policy.state_norm / policy.action_norm={list(modes)}), which is not supported yet."
+            )
+
+        def feature_stats(values: np.ndarray) -> dict[str, torch.Tensor]:
+            x = values.astype(np.float64)  # float64 so the variance of large N is accurate
+            stats = {"mean": x.mean(0), "std": np.maximum(x.std(0), std_floor), "min": x.min(0), "max": x.max(0)}
+            return {name: torch.as_tensor(value, dtype=torch.float32) for name, value in stats.items()}
+
+        self.load_stats(feature_stats(state), feature_stats(actions), modes)
 
     def load_stats(
         self, state: dict[str, torch.Tensor], action: dict[str, torch.Tensor], modes: tuple[str, str]

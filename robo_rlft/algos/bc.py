@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from policies.normalizer import Normalizer
-from policies.smolvla import SMOLVLA_NORM_MODES, SmolVLANormalizer
+from policies.smolvla import SmolVLANormalizer
 from policies.vla_backbone import VLAObservation
 from robo_rlft.config import Config
 from robo_rlft.data import OBS_STD_FLOOR, DemoDataset
@@ -113,22 +113,7 @@ def set_normalizer_from_dataset(
         actions: ``(N, A)`` the dataset's actions, env units.
     """
     norm = policy.normalizer
-    if not isinstance(norm, SmolVLANormalizer):
+    if isinstance(norm, SmolVLANormalizer):
+        norm.fit(inputs.state.numpy(), actions, (policy.config.state_norm, policy.config.action_norm), OBS_STD_FLOOR)
+    else:
         norm.load_state_dict(Normalizer.from_stats(stats).state_dict())
-        return
-    modes = (policy.config.state_norm, policy.config.action_norm)
-    unsupported = [mode for mode in modes if mode not in SMOLVLA_NORM_MODES]
-    if unsupported:
-        raise ValueError(
-            f"Pretraining sets the normalisation of {SMOLVLA_NORM_MODES} from the dataset; this checkpoint uses "
-            f"{unsupported} (policy.state_norm / policy.action_norm={list(modes)}), which is not supported yet."
-        )
-    norm.load_stats(_feature_stats(inputs.state.numpy()), _feature_stats(actions), modes)
-
-
-def _feature_stats(values: np.ndarray) -> dict[str, torch.Tensor]:
-    """LeRobot's per-feature stats of ``values (N, D)`` over its rows: ``mean``, ``std`` (floored at
-    ``OBS_STD_FLOOR``, so a constant dimension is not blown up), ``min``, ``max``; each ``(D,)``."""
-    x = values.astype(np.float64)  # float64 so the variance of large N is accurate
-    stats = {"mean": x.mean(0), "std": np.maximum(x.std(0), OBS_STD_FLOOR), "min": x.min(0), "max": x.max(0)}
-    return {name: torch.as_tensor(value, dtype=torch.float32) for name, value in stats.items()}
