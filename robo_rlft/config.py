@@ -379,6 +379,9 @@ class PPOConfig:
             raise ValueError("algo.critic_warmup_iterations and algo.eval_every must be >= 0.")
 
 
+GRPO_LOSS_AGGREGATIONS: tuple[str, ...] = ("episode", "step")
+
+
 @dataclass
 class GRPOConfig:
     """GRPO over denoising chains: critic-free, group-normalised returns (DESIGN.md §6).
@@ -391,6 +394,11 @@ class GRPOConfig:
         clip_low, clip_high: asymmetric clip of the chain ratio to ``[1 - clip_low, 1 + clip_high]``
             (DAPO's "clip-higher"); they pair with ``log_prob_reduction`` like PPO's ``clip_coef``.
         log_prob_reduction: ``sum`` or ``mean`` (see ``policies.chain.reduce_log_prob``).
+        loss_aggregation: how the loss averages the chunk steps of the batch: ``episode`` — every episode
+            weighs the same, its steps each ``1 / its length`` (GRPO's per-sequence ``1 / |o_i|``) — or ``step``
+            — every chunk step weighs the same (DAPO's token-level mean). With a sparse success reward the
+            failed episodes run to the horizon, so under ``step`` their negative advantages outweigh the
+            successes' and the update mostly pushes sampled chains down (README, GRPO).
         dynamic_sampling: drop groups whose rollouts all succeed or all fail (or, in envs without a
             success signal, all have the same return): they carry no learning signal.
         target_kl: stop the epoch loop when the approximate KL exceeds it (null: never).
@@ -408,6 +416,7 @@ class GRPOConfig:
     clip_low: float = 0.01
     clip_high: float = 0.014
     log_prob_reduction: str = "mean"
+    loss_aggregation: str = "episode"
     dynamic_sampling: bool = True
     target_kl: float | None = 0.01
     eval_every: int = 10
@@ -425,6 +434,7 @@ class GRPOConfig:
                 f"algo.group_size must be >= 2 (advantages are relative to the group), got {self.group_size}."
             )
         _check_choice("algo.log_prob_reduction", self.log_prob_reduction, LOG_PROB_REDUCTIONS)
+        _check_choice("algo.loss_aggregation", self.loss_aggregation, GRPO_LOSS_AGGREGATIONS)
         if self.target_kl is not None and self.target_kl <= 0:
             raise ValueError(f"algo.target_kl must be > 0 or null, got {self.target_kl}.")
         if self.eval_every < 0:

@@ -183,13 +183,34 @@ def test_loss_ratio_is_one_on_fresh_samples_and_old_log_probs_must_be_detached(f
         sample = policy.sample(obs)
     old = grpo.reduce_log_prob(sample.log_prob, sample.stochastic, algo.log_prob_reduction)
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
-    losses = grpo.grpo_losses(policy, obs, sample.chain, sample.stochastic, old, advantages, algo)
+    weights = torch.tensor([1.0, 1.0, 0.5, 0.5, 1.5, 1.5])
+    losses = grpo.grpo_losses(policy, obs, sample.chain, sample.stochastic, old, advantages, weights, algo)
     assert losses.ratio_mean == pytest.approx(1.0, abs=1e-5) and losses.clip_fraction == 0.0
-    assert losses.policy.item() == pytest.approx(-advantages.mean().item(), abs=1e-5)
+    assert losses.policy.item() == pytest.approx(-(weights * advantages).mean().item(), abs=1e-5)
     losses.policy.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
     with pytest.raises(RuntimeError, match="detached"):
-        grpo.grpo_losses(policy, obs, sample.chain, sample.stochastic, old.requires_grad_(), advantages, algo)
+        grpo.grpo_losses(policy, obs, sample.chain, sample.stochastic, old.requires_grad_(), advantages, weights, algo)
+
+
+def test_episode_weights_make_every_episode_count_the_same():
+    # Chunk steps kept per episode (columns): a success of 1 step, a failure that ran 3 steps, a dropped episode.
+    used = torch.tensor([[True, True, False], [False, True, False], [False, True, False]])  # (T=3, N=3)
+    advantages = torch.tensor([1.0, -1.0, 0.0])  # one group of two: the success's and the failure's
+    step_advantages = advantages[None].expand_as(used)[used]  # (B=4,) in x[used] order: ep 0, ep 1, ep 1, ep 1
+    mean_length = 4 / 2
+    weights = grpo.step_weights(used, "episode", mean_length)
+    torch.testing.assert_close(weights, torch.tensor([2.0, 2 / 3, 2 / 3, 2 / 3]))
+    assert weights.mean().item() == pytest.approx(1.0)
+    # At ratio 1 the loss is -mean(w * A): balanced per episode, dominated by the long failure per step.
+    assert (weights * step_advantages).sum().item() == pytest.approx(0.0, abs=1e-6)
+    steps = grpo.step_weights(used, "step", mean_length)
+    assert torch.equal(steps, torch.ones(4)) and (steps * step_advantages).sum().item() == -2.0
+
+
+def test_unknown_loss_aggregation_is_refused():
+    with pytest.raises(ValueError, match=r"algo\.loss_aggregation.*'token'.*'episode'.*'step'"):
+        GRPOConfig(loss_aggregation="token")
 
 
 # ---- training runs ----------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 Critic-free: each iteration runs ``num_groups`` groups of ``G`` episodes, the members of a group
 starting from one initial state (they reset with the same seed). An episode's advantage is its
 return normalised within its group, ``A_i = (R_i - mean_g) / (std_g + eps)``, and every chunk step
-of the episode gets it. As in PPO (``robo_rlft.algos.ppo``), the policy's "action" is the stored
-denoising chain, replayed at update time, so the ratio at the first minibatch is exactly 1.
+of the episode gets it. The loss weighs every episode the same (each of its steps by ``1 / its length``,
+:func:`step_weights`), so failed episodes that run to the horizon do not outweigh the successes. As in
+PPO (``robo_rlft.algos.ppo``), the policy's "action" is the stored denoising chain, replayed at update
+time, so the ratio at the first minibatch is exactly 1.
 
 Groups with no signal (all succeed / all fail, or all-equal returns in envs without success) are
 dropped (DAPO's dynamic sampling), and the ratio is clipped asymmetrically to
@@ -231,6 +233,20 @@ def groups_with_signal(returns: torch.Tensor, success: torch.Tensor | None, grou
 # ---- loss -----------------------------------------------------------------------------------------------------
 
 
+def step_weights(used: torch.Tensor, aggregation: str, mean_episode_length: float) -> torch.Tensor:
+    """``(B,)`` the loss weight of each kept chunk step of ``used`` ``(T, N)`` (column ``n``: episode ``n``; ``B``
+    its true entries, in the order of ``x[used]``).
+
+    ``step``: ones. ``episode``: ``mean_episode_length / L_n`` for a step of episode ``n`` (``L_n`` its kept
+    steps), so each episode's weights sum to the same and, with ``mean_episode_length`` the mean over the whole
+    batch (every rank's), the weights still average 1.
+    """
+    if aggregation == "step":
+        return torch.ones(int(used.sum()))
+    lengths = used.sum(0).clamp_min(1).double()  # (N,); dropped episodes have no kept step
+    return (mean_episode_length / lengths)[None].expand_as(used)[used].float()
+
+
 def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float) -> torch.Tensor:
     """Per-sample pessimistic clipped objective (to minimise), ``(M,) -> (M,)``:
     ``max(-A * r, -A * clip(r, 1 - clip_low, 1 + clip_high))``.
@@ -259,22 +275,23 @@ def grpo_losses(
     stochastic: torch.Tensor,
     old_log_probs: torch.Tensor,
     advantages: torch.Tensor,
+    weights: torch.Tensor,
     algo: GRPOConfig,
 ) -> GRPOLosses:
-    """Asymmetrically clipped policy-gradient loss on one minibatch (mean over its chunk steps).
+    """Asymmetrically clipped policy-gradient loss on one minibatch: the mean over its chunk steps of each
+    step's surrogate times its weight (:func:`step_weights`).
 
     Args:
         obs: ``(M, obs_dim)`` (a ``VLAObservation`` of M rows for the VLA); chains: ``(M, K+1, H, A)``;
         stochastic: ``(M, K)`` bool;
-        old_log_probs, advantages: ``(M,)``.
+        old_log_probs, advantages, weights: ``(M,)``.
     """
     if old_log_probs.requires_grad:
         raise RuntimeError("old_log_probs require grad: they must be stored detached at rollout time.")
     log_prob_elements, _ = policy.log_prob_and_entropy(obs, chains, stochastic)  # (M, K, H, A)
     log_ratio = reduce_log_prob(log_prob_elements, stochastic, algo.log_prob_reduction) - old_log_probs
     ratio = log_ratio.exp()
-    # Mean over chunk steps: a longer episode weighs more (DAPO's token-level loss, with chunks as tokens).
-    loss = clipped_surrogate(ratio, advantages, algo.clip_low, algo.clip_high).mean()
+    loss = (weights * clipped_surrogate(ratio, advantages, algo.clip_low, algo.clip_high)).mean()
     with torch.no_grad():
         # Schulman's low-variance estimator of KL(old || new).
         approx_kl = ((ratio - 1) - log_ratio).mean().item()
@@ -358,6 +375,8 @@ def train_grpo(
                 keep_group = torch.ones(len(returns) // group_size, dtype=torch.bool)
             groups_dropped = sum(distributed.gather([int((~keep_group).sum())]))
             used = rollout.valid & keep_group.repeat_interleave(group_size)[None]  # (T, N)
+            kept = distributed.gather([(int(used.sum()), int(used.any(0).sum()))])  # (steps, episodes) per rank
+            mean_length = sum(steps for steps, _ in kept) / max(sum(episodes for _, episodes in kept), 1)
 
             # ---- update: epochs x minibatches over the kept chunk steps (B, ...) ----
             tic = time.perf_counter()
@@ -367,6 +386,7 @@ def train_grpo(
             b_stochastic = rollout.stochastic[used].to(device)  # (B, K)
             b_log_probs = rollout.log_probs[used].to(device)  # (B,)
             b_advantages = advantages[None].expand_as(used)[used].to(device)  # (B,): step of episode i gets A_i
+            b_weights = step_weights(used, algo.loss_aggregation, mean_length).to(device)  # (B,)
             batch_size = b_chains.shape[0]
             # Every rank cuts its batch into the same number of minibatches (distributed.MinibatchPlan).
             plan = distributed.minibatch_plan(batch_size, algo.minibatch_size)
@@ -393,7 +413,14 @@ def train_grpo(
                     losses = None
                     if len(mb):
                         losses = grpo_losses(
-                            learner, b_obs[mb], b_chains[mb], b_stochastic[mb], b_log_probs[mb], b_advantages[mb], algo
+                            learner,
+                            b_obs[mb],
+                            b_chains[mb],
+                            b_stochastic[mb],
+                            b_log_probs[mb],
+                            b_advantages[mb],
+                            b_weights[mb],
+                            algo,
                         )
                     if distributed.any(losses is not None and not torch.isfinite(losses.policy)):
                         skipped += 1
