@@ -2,7 +2,7 @@
 
     MUJOCO_GL=egl python benchmarks/vla_tabletop.py [--task LiftCube | --tasks A B C] [--episodes 300]
         [--demo-noise 0.1] [--image-size 64] [--pretrain-steps 5000] [--ppo-iterations 20] [--grpo-iterations 20]
-        [--work-dir runs/bench_vla_tabletop] [--out benchmarks/results/vla_tabletop.md]
+        [--eval-rounds 1] [--work-dir runs/bench_vla_tabletop] [--out benchmarks/results/vla_tabletop.md]
         [--policy KEY=VALUE ...] [--rl-policy KEY=VALUE ...] [--ppo KEY=VALUE ...] [--grpo KEY=VALUE ...]
 
 Every step is the CLI command a user would type (printed in the report): ``collect`` records the scripted
@@ -12,10 +12,13 @@ evaluates it on the task's 50 fixed init states; two ``finetune`` runs start fro
 PPO with ``flow_noise`` and GRPO with ``flow_noise``; ``--rl-policy`` gives both the policy's fine-tuning
 choices (by default ``freeze_backbone=true``: RL trains the action expert, the noise head and PPO's critic, not
 the VLM the SFT trained). Success rates are the deterministic evaluations on the 50
-fixed init states (Wilson 95 % CIs): the SFT policy's from ``pretrain``'s ``eval.json``, the fine-tuned ones
-from each run's ``metrics.csv`` (iteration 0 re-evaluates the SFT policy) and final ``eval.json``. The report
-also has the evaluation curves (PNG). Stages whose output exists are skipped (``--fresh`` reruns them), so a
-long benchmark can be continued after an interruption.
+fixed init states (Wilson 95 % CIs), ``--eval-rounds`` times each with a new draw of the sampler's initial noise
+(one 50-episode draw moves by several successes on its own): the SFT policy's from ``pretrain``'s ``eval.json``,
+the fine-tuned ones from each run's ``metrics.csv`` (iteration 0 re-evaluates the SFT policy) and final
+``eval.json``. The report also has the evaluation curves (PNG). Stages whose output exists are skipped
+(``--fresh`` reruns them), so a long benchmark can be continued after an interruption; an RL run that finished
+fewer iterations than now asked is continued from its last checkpoint (``finetune resume=...``); the report lists
+every command as it ran.
 
 With ``--tasks A B C`` the run is multi-task (``env=tabletop_multitask``): one policy for the tasks, told apart by
 their instructions, evaluated on every task's 50 fixed init states, with success per task before and after RL.
@@ -43,6 +46,12 @@ FIXED_INIT_STATES = 50
 NOTES_MARKER = "<!-- notes: kept when the report is regenerated -->"
 
 
+def iterations_run(run_dir: Path) -> int:
+    """The last iteration a fine-tuning run logged in its ``metrics.csv``."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return max(int(row["iteration"]) for row in csv.DictReader(f))
+
+
 def read_evals(run_dir: Path) -> tuple[list[dict], float]:
     """The evaluation rows of a fine-tuning run's ``metrics.csv`` and its final ``eval.json`` success rate."""
     with open(run_dir / "metrics.csv", newline="") as f:
@@ -63,6 +72,13 @@ def main() -> None:
     parser.add_argument("--ppo-iterations", type=int, default=20)
     parser.add_argument("--grpo-iterations", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--eval-rounds",
+        type=int,
+        default=1,
+        help="evaluate every fixed init state this many times (each round a new x_0 draw of the deterministic "
+        "sampler): one 50-episode draw moves by several successes on its own",
+    )
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench_vla_tabletop"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/vla_tabletop.md"))
     parser.add_argument("--policy", nargs="*", default=[], help="extra policy.* overrides of the SFT run")
@@ -85,7 +101,7 @@ def main() -> None:
         env = ["env=tabletop_multitask", "env.task=null", f"env.tasks=[{','.join(args.tasks)}]"]
     else:
         env = ["env=tabletop", f"env.task={args.task}"]
-    fixed = FIXED_INIT_STATES * len(tasks)  # every task's fixed init states
+    fixed = FIXED_INIT_STATES * len(tasks) * args.eval_rounds  # every task's fixed init states, eval_rounds times
     cameras = [*env, "env.cameras=[agentview,wrist]"]
     cameras += [f"env.image_size={args.image_size}", f"seed={args.seed}"]
     data, sft, ppo, grpo = work / "data", work / "sft", work / "ppo", work / "grpo"
@@ -114,15 +130,31 @@ def main() -> None:
     }
     if args.grpo_iterations == 0:
         del stages["grpo"]
-    seconds_file = work / "seconds.json"
+    iterations = {"ppo": args.ppo_iterations, "grpo": args.grpo_iterations}
+    # What each stage ran, as run (stage -> [[argv, seconds], ...]): its command, then any resume that continued it
+    # (an RL run asked for more iterations than it finished is continued from its last checkpoint, not restarted).
+    # Work dirs from before this file have only seconds.json; their report shows today's command for each stage.
+    seconds_file, commands_file = work / "seconds.json", work / "commands.json"
     seconds = json.loads(seconds_file.read_text()) if seconds_file.is_file() and not args.fresh else {}
+    commands = json.loads(commands_file.read_text()) if commands_file.is_file() and not args.fresh else {}
+
+    def record(name: str, argv: list[str], log: Path) -> float:
+        print(f"[{time.strftime('%H:%M:%S')}] {shown(argv)}", file=sys.stderr)
+        wall = run([*ROBO, *argv, "progress=false"], log)
+        commands.setdefault(name, []).append([argv, wall])
+        commands_file.write_text(json.dumps(commands, indent=2))
+        return wall
+
     for name, (argv, done) in stages.items():
         if done.is_file() and name in seconds and not args.fresh:
+            if name in iterations and iterations_run(done.parent) < iterations[name]:
+                resume = ["finetune", f"resume={done.parent}", f"algo.iterations={iterations[name]}"]
+                record(name, resume, work / f"{name}_resume.log")
             print(f"[{time.strftime('%H:%M:%S')}] {name}: done ({done})", file=sys.stderr)
             continue
         shutil.rmtree(done.parent, ignore_errors=True)  # a run_dir must be new
-        print(f"[{time.strftime('%H:%M:%S')}] {shown(argv)}", file=sys.stderr)
-        seconds[name] = run([*ROBO, *argv, "progress=false"], work / f"{name}.log")
+        commands.pop(name, None)
+        seconds[name] = record(name, argv, work / f"{name}.log")
         seconds_file.write_text(json.dumps(seconds, indent=2))
 
     demos = json.loads((data / "collect.json").read_text())
@@ -154,16 +186,21 @@ def main() -> None:
         f"- command: `MUJOCO_GL=egl python {shlex.join(sys.argv)}`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; 2-core CPU (one core used), no GPU",
         "- the steps it ran:",
-        *(f"  - `{shown(argv)}` ({seconds[name] / 60:.1f} min)" for name, argv in steps),
+        *(
+            f"  - `{shown(argv)}` ({wall / 60:.1f} min)"
+            for name, argv in steps
+            for argv, wall in commands.get(name, [(argv, seconds[name])])
+        ),
         f"- demonstrations: {demos['episodes']} episodes, {demos['steps']:,} steps from the scripted expert with "
         f"action noise {args.demo_noise} (the expert succeeded in {100 * dataset.meta['success_rate']:.0f} % of "
         f"them), agentview and wrist images at {args.image_size} px, the instruction",
         f"- SFT: {args.pretrain_steps} gradient steps of batch {args.batch_size}; RL: PPO {args.ppo_iterations} "
         f"iterations, GRPO {args.grpo_iterations} iterations, both from the same SFT checkpoint",
-        f"- evaluation: deterministic sampler on the {fixed} fixed init states ({FIXED_INIT_STATES} per task), "
-        "success count and rate with a Wilson 95 % interval",
+        f"- evaluation: deterministic sampler, {fixed} episodes: the {FIXED_INIT_STATES} fixed init states of each "
+        f"task, {args.eval_rounds} time(s) each (a new x_0 draw each round); success count and rate with a Wilson "
+        "95 % interval",
         "",
-        f"| policy | success on the {fixed} fixed init states | change vs SFT |",
+        f"| policy | success in {fixed} episodes on the fixed init states | change vs SFT |",
         "|---|---|---|",
         f"| SFT (`vla_tiny`, images + instruction + state) | {rate(sft_rate)} | |",
         *(
@@ -214,7 +251,7 @@ def plot(runs: dict[str, list[dict]], sft_rate: float, path: Path, tasks: list[s
     ax.axhline(sft_rate, color="grey", linestyle="--", label="SFT")
     top = max([sft_rate, *(float(e["eval_success_rate"]) for evals in runs.values() for e in evals)])
     ax.set_xlabel("Environment steps")
-    ax.set_ylabel(f"Success rate ({fixed} fixed init states)")
+    ax.set_ylabel(f"Success rate ({fixed} episodes, fixed init states)")
     ax.set_ylim(0, min(1.0, max(0.3, 2 * top)))
     ax.set_title(f"Tabletop {', '.join(tasks)}: RL fine-tuning of the tiny VLA (images + instruction)")
     ax.grid(alpha=0.3)
