@@ -133,10 +133,12 @@ def main() -> None:
     iterations = {"ppo": args.ppo_iterations, "grpo": args.grpo_iterations}
     # What each stage ran, as run (stage -> [[argv, seconds], ...]): its command, then any resume that continued it
     # (an RL run asked for more iterations than it finished is continued from its last checkpoint, not restarted).
-    # Work dirs from before this file have only seconds.json; their report shows today's command for each stage.
-    seconds_file, commands_file = work / "seconds.json", work / "commands.json"
-    seconds = json.loads(seconds_file.read_text()) if seconds_file.is_file() and not args.fresh else {}
+    # Older work dirs hold only seconds.json (stage -> seconds); their report shows today's command for each stage.
+    commands_file, legacy_file = work / "commands.json", work / "seconds.json"
     commands = json.loads(commands_file.read_text()) if commands_file.is_file() and not args.fresh else {}
+    if legacy_file.is_file() and not args.fresh:
+        legacy = json.loads(legacy_file.read_text())
+        commands = {name: [[stages[name][0], wall]] for name, wall in legacy.items() if name in stages} | commands
 
     def record(name: str, argv: list[str], log: Path) -> float:
         print(f"[{time.strftime('%H:%M:%S')}] {shown(argv)}", file=sys.stderr)
@@ -146,7 +148,7 @@ def main() -> None:
         return wall
 
     for name, (argv, done) in stages.items():
-        if done.is_file() and name in seconds and not args.fresh:
+        if done.is_file() and name in commands:
             if name in iterations and iterations_run(done.parent) < iterations[name]:
                 resume = ["finetune", f"resume={done.parent}", f"algo.iterations={iterations[name]}"]
                 record(name, resume, work / f"{name}_resume.log")
@@ -154,8 +156,7 @@ def main() -> None:
             continue
         shutil.rmtree(done.parent, ignore_errors=True)  # a run_dir must be new
         commands.pop(name, None)
-        seconds[name] = record(name, argv, work / f"{name}.log")
-        seconds_file.write_text(json.dumps(seconds, indent=2))
+        record(name, argv, work / f"{name}.log")
 
     demos = json.loads((data / "collect.json").read_text())
     sft_result = json.loads((sft / "eval.json").read_text())
@@ -189,7 +190,7 @@ def main() -> None:
         *(
             f"  - `{shown(argv)}` ({wall / 60:.1f} min)"
             for name, argv in steps
-            for argv, wall in commands.get(name, [(argv, seconds[name])])
+            for argv, wall in commands[name]
         ),
         f"- demonstrations: {demos['episodes']} episodes, {demos['steps']:,} steps from the scripted expert with "
         f"action noise {args.demo_noise} (the expert succeeded in {100 * dataset.meta['success_rate']:.0f} % of "
